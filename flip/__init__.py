@@ -1,0 +1,7 @@
+"""FLIP-style masked contrastive pretraining, zero-shot evaluation and the MAE family on t5x.
+
+The package is a library (models, losses, partitioning, optimisation, data, evaluation) driven by
+one training loop (`flip.train`) and the absl entry point `main.py` at the repository root.
+"""
+
+__version__ = "0.1.0"

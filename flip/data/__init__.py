@@ -1,0 +1,1 @@
+"""Input pipelines: LAION-format sources, evaluation datasets, vocabularies and image transforms."""

@@ -1,0 +1,1 @@
+"""Flax (linen) models: the ViT image tower, the text tower, the two-tower FLIP model and MAE."""
