@@ -1,0 +1,276 @@
+"""Transformer building blocks shared by every tower (ViT, text, MAE decoder).
+
+Every parameter is declared with `flax.linen.partitioning.param_with_axes`, so its logical axis
+names land in the `params_axes` collection that t5x's `FlaxOptimTrainState` and
+`PjitPartitioner.get_mesh_axes` read; the main activations are constrained with logical names
+(`batch`, `length`, `embed`, `mlp`, `heads`, `kv`) that the partitioner's rules map onto the mesh.
+
+Logical names used for parameters: `embed` (model width), `mlp` (MLP hidden), `heads`/`kv`
+(attention heads and per-head width), `stack` (the q/k/v index of the fused projection; t5x's
+standard rules replicate it), `vocab`, `length` (positions), and `_null*` for axes that are never
+sharded (patch-kernel spatial axes, leading singleton axes); names without a rule are replicated.
+
+Decisions where FLIP/ViT are silent or differ between codebases:
+- q, k and v share one fused kernel [embed, 3, heads, kv] (one matmul instead of three);
+- attention logits and softmax are computed in float32 whatever the compute dtype;
+- padding is masked with the most negative finite float (not -inf) so a row can never be all -inf;
+- `remat_policy`: "none" keeps every activation; "full" recomputes a whole block in the backward
+  pass (only block inputs are saved); "actcp" saves the outputs of the weight matmuls (dots without
+  batch dimensions) and recomputes the cheap element-wise work, the attention scores and softmax.
+"""
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+from flax.linen import partitioning as nn_partitioning
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+param_with_axes = nn_partitioning.param_with_axes
+with_sharding_constraint = nn_partitioning.with_sharding_constraint
+
+REMAT_POLICIES = ("none", "full", "actcp")
+GELU_KINDS = ("exact", "tanh")
+
+default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def remat_policy_fn(policy: str) -> Optional[Callable[..., bool]]:
+  """The jax checkpoint policy behind a `remat_policy` name ("none" needs no remat at all)."""
+  if policy == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  if policy == "actcp":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
+
+
+class LayerNorm(nn.Module):
+  """Layer normalisation over the last axis with a logically-named scale and bias."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    scale = param_with_axes("scale", nn.initializers.ones, (features,), jnp.float32, axes=("embed",))
+    bias = param_with_axes("bias", nn.initializers.zeros, (features,), jnp.float32, axes=("embed",))
+    return (y * scale + bias).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """y = x @ kernel + bias on the last axis, kernel axes given as logical names."""
+
+  features: int
+  kernel_axes: Tuple[str, str]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = param_with_axes("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32,
+                             axes=self.kernel_axes)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = param_with_axes("bias", self.bias_init, (self.features,), jnp.float32,
+                             axes=(self.kernel_axes[-1],))
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Self-attention with a fused q/k/v projection and an optional key padding mask."""
+
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array, key_mask: Optional[Array], *, deterministic: bool) -> Array:
+    """x: [batch, length, embed]; key_mask: [batch, length] bool (True = attend) or None."""
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+
+    def qkv_init(key, shape, dtype):
+      # Initialise as three independent [embed, embed] matrices, like separate projections.
+      flat = self.kernel_init(key, (3, shape[0], shape[2] * shape[3]), dtype)
+      return jnp.transpose(flat, (1, 0, 2)).reshape(shape)
+
+    qkv_kernel = param_with_axes("qkv_kernel", qkv_init, (width, 3, self.num_heads, head_dim),
+                                 jnp.float32, axes=("embed", "stack", "heads", "kv"))
+    qkv_bias = param_with_axes("qkv_bias", nn.initializers.zeros, (3, self.num_heads, head_dim),
+                               jnp.float32, axes=("stack", "heads", "kv"))
+    qkv = jnp.einsum("bld,dshk->sblhk", x.astype(self.dtype), qkv_kernel.astype(self.dtype))
+    qkv = qkv + qkv_bias.astype(self.dtype)[:, None, None]
+    query, key, value = qkv[0], qkv[1], qkv[2]
+    query = with_sharding_constraint(query, ("batch", "length", "heads", "kv"))
+    key = with_sharding_constraint(key, ("batch", "length", "heads", "kv"))
+    value = with_sharding_constraint(value, ("batch", "length", "heads", "kv"))
+
+    query = query * jnp.asarray(head_dim ** -0.5, self.dtype)
+    logits = jnp.einsum("bqhk,bthk->bhqt", query, key, preferred_element_type=jnp.float32)
+    if key_mask is not None:
+      big_negative = jnp.finfo(jnp.float32).min
+      logits = jnp.where(key_mask[:, None, None, :], logits, big_negative)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    if not deterministic and self.dropout_rate > 0.0:
+      weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
+    out = jnp.einsum("bhqt,bthk->bqhk", weights, value)
+    out = with_sharding_constraint(out, ("batch", "length", "heads", "kv"))
+
+    out_kernel = param_with_axes("out_kernel", self.kernel_init, (self.num_heads, head_dim, width),
+                                 jnp.float32, axes=("heads", "kv", "embed"))
+    out_bias = param_with_axes("out_bias", nn.initializers.zeros, (width,), jnp.float32,
+                               axes=("embed",))
+    y = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+    return with_sharding_constraint(y, ("batch", "length", "embed"))
+
+
+class MlpBlock(nn.Module):
+  """Two dense layers with a GELU between them."""
+
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  gelu: str = "exact"
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    width = x.shape[-1]
+    h = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, kernel_init=self.kernel_init,
+              name="Dense_0")(x)
+    h = nn.gelu(h, approximate=(self.gelu == "tanh"))
+    h = with_sharding_constraint(h, ("batch", "length", "mlp"))
+    h = nn.Dropout(rate=self.dropout_rate)(h, deterministic=deterministic)
+    y = Dense(width, ("mlp", "embed"), dtype=self.dtype, kernel_init=self.kernel_init,
+              name="Dense_1")(h)
+    return nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example, rescaling the survivors."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng("droppath"), keep_prob, shape)
+    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+class EncoderBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)), each with drop path."""
+
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  layernorm_epsilon: float = 1e-6
+  gelu: str = "exact"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, key_mask: Optional[Array], deterministic: bool) -> Array:
+    x = with_sharding_constraint(x, ("batch", "length", "embed"))
+    y = LayerNorm(self.layernorm_epsilon, self.dtype, name="LayerNorm_0")(x)
+    y = MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
+                               name="MultiHeadSelfAttention_0")(y, key_mask,
+                                                                deterministic=deterministic)
+    y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+    x = x + DropPath(self.droppath_rate, name="droppath_msa")(y, deterministic=deterministic)
+    y = LayerNorm(self.layernorm_epsilon, self.dtype, name="LayerNorm_1")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu, self.dtype, name="MlpBlock_0")(
+        y, deterministic=deterministic)
+    x = x + DropPath(self.droppath_rate, name="droppath_mlp")(y, deterministic=deterministic)
+    return with_sharding_constraint(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+  """A stack of `EncoderBlock`s (drop path rising linearly with depth) and a final LayerNorm."""
+
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  remat_policy: str = "none"
+  layernorm_epsilon: float = 1e-6
+  gelu: str = "exact"
+  final_norm: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, key_mask: Optional[Array] = None, *, train: bool) -> Array:
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.gelu not in GELU_KINDS:
+      raise ValueError(f"gelu must be one of {GELU_KINDS}, got {self.gelu!r}")
+    block_cls = EncoderBlock
+    if self.remat_policy != "none":
+      # Argument 3 (`deterministic`) is a python bool: static for the rematerialised function.
+      block_cls = nn.remat(EncoderBlock, policy=remat_policy_fn(self.remat_policy),
+                           static_argnums=(3,))
+    for layer in range(self.num_layers):
+      droppath = self.droppath_rate * layer / max(self.num_layers - 1, 1)
+      x = block_cls(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                    dropout_rate=self.dropout_rate,
+                    attention_dropout_rate=self.attention_dropout_rate,
+                    droppath_rate=droppath, layernorm_epsilon=self.layernorm_epsilon,
+                    gelu=self.gelu, dtype=self.dtype,
+                    name=f"encoderblock_{layer:02d}")(x, key_mask, not train)
+    if self.final_norm:
+      x = LayerNorm(self.layernorm_epsilon, self.dtype, name="encoder_norm")(x)
+    return x
+
+
+def sincos_1d(positions: Array, width: int, temperature: float) -> Array:
+  """Transformer sin-cos embedding of 1-D positions: [n] -> [n, width] (sin half, then cos half)."""
+  if width % 2:
+    raise ValueError(f"sin-cos embedding width must be even, got {width}")
+  omega = jnp.arange(width // 2, dtype=jnp.float32) / (width / 2.0)
+  omega = 1.0 / (temperature ** omega)
+  angles = positions.astype(jnp.float32)[:, None] * omega[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+
+
+def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10000.0) -> Array:
+  """Fixed 2-D sin-cos position embedding [grid_h * grid_w, width] (row-major patch order).
+
+  Half the channels encode the row, half the column, as in MAE and FLIP.
+  """
+  if width % 4:
+    raise ValueError(f"2-D sin-cos embedding width must be divisible by 4, got {width}")
+  rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
+  emb_h = sincos_1d(rows.reshape(-1), width // 2, temperature)
+  emb_w = sincos_1d(cols.reshape(-1), width // 2, temperature)
+  return jnp.concatenate([emb_h, emb_w], axis=1)
+
+
+def as_dtype(name_or_dtype: Any) -> Dtype:
+  """'float32' / 'bfloat16' (config strings) or a dtype -> a jnp dtype."""
+  return jnp.dtype(name_or_dtype)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -1,0 +1,189 @@
+"""ViT image encoder with FLIP's random patch dropping.
+
+Pipeline: normalise pixels (the input pipeline keeps uint8 until the device) -> patch embedding (a
+p x p convolution with stride p, computed as patchify + matmul) -> add the position embedding
+(fixed 2-D sin-cos, or learned) -> drop a random `mask_ratio` of the tokens per example (after the
+position embedding, so kept tokens carry their own positions) -> optional class token -> pre-norm
+transformer -> final LayerNorm -> pooling.
+
+Pooling is FLIP's: the average of all encoded patch tokens (`pool="avg"`); `pool="cls"` takes the
+class token instead (needs `use_cls_token`). The class token, when present, gets no position
+embedding and is never dropped. With `mask_ratio == 0` no mask is drawn and no gather happens: the
+unmasked path is the plain ViT.
+"""
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flip import masking
+from flip.models import layers
+
+Array = jax.Array
+
+# ImageNet channel statistics in 0..255 pixel units (the normalisation FLIP and MAE use).
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+POOLS = ("avg", "cls")
+POSEMB_INIT_STDDEV = 0.02
+
+
+def patchify(images: Array, patch_size: Tuple[int, int]) -> Array:
+  """[B, H, W, C] -> [B, (H/ph)*(W/pw), ph*pw*C], patches in row-major order."""
+  b, h, w, c = images.shape
+  ph, pw = patch_size
+  if h % ph or w % pw:
+    raise ValueError(f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+  x = images.reshape(b, h // ph, ph, w // pw, pw, c)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, (h // ph) * (w // pw), ph * pw * c)
+
+
+def unpatchify(patches: Array, patch_size: Tuple[int, int], grid: Tuple[int, int],
+               channels: int) -> Array:
+  """Inverse of `patchify`: [B, gh*gw, ph*pw*C] -> [B, gh*ph, gw*pw, C]."""
+  b = patches.shape[0]
+  (ph, pw), (gh, gw) = patch_size, grid
+  x = patches.reshape(b, gh, gw, ph, pw, channels)
+  x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+  return x.reshape(b, gh * ph, gw * pw, channels)
+
+
+class PatchEmbedding(nn.Module):
+  """Conv(kernel=stride=patch) as patchify + matmul; the kernel keeps the conv layout [ph,pw,C,D]."""
+
+  patch_size: Tuple[int, int]
+  hidden_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array) -> Array:
+    ph, pw = self.patch_size
+    channels = images.shape[-1]
+    kernel = layers.param_with_axes(
+        "kernel", nn.initializers.lecun_normal(), (ph, pw, channels, self.hidden_size),
+        jnp.float32, axes=("_null0", "_null1", "_null2", "embed"))
+    bias = layers.param_with_axes("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32,
+                                  axes=("embed",))
+    patches = patchify(images.astype(self.dtype), self.patch_size)
+    flat_kernel = kernel.reshape(ph * pw * channels, self.hidden_size).astype(self.dtype)
+    return jnp.dot(patches, flat_kernel) + bias.astype(self.dtype)
+
+
+class VisionTransformer(nn.Module):
+  """ViT encoder returning pooled features and the encoded tokens."""
+
+  patch_size: Tuple[int, int] = (16, 16)
+  hidden_size: int = 1024
+  num_layers: int = 24
+  num_heads: int = 16
+  mlp_dim: int = 4096
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  remat_policy: str = "none"
+  mask_ratio: float = 0.0
+  sincos: bool = True
+  use_cls_token: bool = False
+  pool: str = "avg"
+  layernorm_epsilon: float = 1e-6
+  gelu: str = "exact"
+  pixel_mean: Tuple[float, ...] = IMAGENET_MEAN_RGB
+  pixel_std: Tuple[float, ...] = IMAGENET_STD_RGB
+  dtype: Any = jnp.float32
+
+  def grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+    return image_size[0] // self.patch_size[0], image_size[1] // self.patch_size[1]
+
+  def normalize(self, images: Array) -> Array:
+    """uint8 or float pixels in 0..255 -> (x - mean) / std per channel, float32."""
+    mean = jnp.asarray(self.pixel_mean, jnp.float32)
+    std = jnp.asarray(self.pixel_std, jnp.float32)
+    return (images.astype(jnp.float32) - mean) / std
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool, mask_ratio: Optional[float] = None,
+               mask_noise: Optional[Array] = None) -> Dict[str, Any]:
+    """images: [B, H, W, C] in 0..255. `mask_ratio` overrides the field (0.0 for evaluation).
+
+    `mask_noise` [B, N] (optional) fixes which tokens are kept (see masking.token_mask_from_noise);
+    without it the noise is drawn from the "masking" rng stream.
+
+    Returns {"pooled": [B, D], "tokens": [B, T, D] (class token first if any),
+    "mask": masking.TokenMask or None}.
+    """
+    layers.check_choice("pool", self.pool, POOLS)
+    if self.pool == "cls" and not self.use_cls_token:
+      raise ValueError("pool='cls' needs use_cls_token=True")
+    ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+    batch, height, width = images.shape[:3]
+    grid_h, grid_w = self.grid((height, width))
+
+    x = PatchEmbedding(self.patch_size, self.hidden_size, self.dtype, name="embedding")(
+        self.normalize(images))
+    x = layers.with_sharding_constraint(x, ("batch", "length", "embed"))
+    if self.sincos:
+      posemb = layers.sincos_2d(grid_h, grid_w, self.hidden_size)[None].astype(self.dtype)
+    else:
+      posemb = layers.param_with_axes(
+          "pos_embedding", nn.initializers.normal(stddev=POSEMB_INIT_STDDEV),
+          (1, grid_h * grid_w, self.hidden_size), jnp.float32,
+          axes=("_null0", "length", "embed")).astype(self.dtype)
+    x = x + posemb
+
+    token_mask = None
+    if ratio > 0.0:
+      if mask_noise is None:
+        mask_noise = masking.mask_noise(self.make_rng("masking"), batch, grid_h * grid_w)
+      token_mask = masking.token_mask_from_noise(mask_noise, ratio)
+      x = masking.gather_tokens(x, token_mask.keep_indices)
+
+    if self.use_cls_token:
+      cls = layers.param_with_axes("cls", nn.initializers.zeros, (1, 1, self.hidden_size),
+                                   jnp.float32, axes=("_null0", "_null1", "embed"))
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.hidden_size)),
+                           x], axis=1)
+
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    x = layers.Encoder(
+        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        droppath_rate=self.droppath_rate, remat_policy=self.remat_policy,
+        layernorm_epsilon=self.layernorm_epsilon, gelu=self.gelu, dtype=self.dtype,
+        name="Transformer")(x, None, train=train)
+
+    if self.pool == "cls":
+      pooled = x[:, 0]
+    else:
+      patch_tokens = x[:, 1:] if self.use_cls_token else x
+      pooled = jnp.mean(patch_tokens.astype(jnp.float32), axis=1).astype(self.dtype)
+    return {"pooled": pooled, "tokens": x, "mask": token_mask}
+
+
+def vit_kwargs_from_config(img_config: Any, dtype: Any = jnp.float32) -> Dict[str, Any]:
+  """`config.model.model_img` (FLIP's key names) -> VisionTransformer fields."""
+  transformer = img_config.transformer
+  kwargs = dict(
+      patch_size=tuple(img_config.patches.size),
+      hidden_size=img_config.hidden_size,
+      num_layers=transformer.num_layers,
+      num_heads=transformer.num_heads,
+      mlp_dim=transformer.mlp_dim,
+      dropout_rate=transformer.dropout_rate,
+      attention_dropout_rate=transformer.attention_dropout_rate,
+      droppath_rate=transformer.droppath_rate,
+      remat_policy=transformer.remat_policy,
+      mask_ratio=img_config.mask_ratio,
+      sincos=img_config.sincos,
+      use_cls_token=img_config.use_cls_token,
+      pool=img_config.pool,
+      layernorm_epsilon=img_config.layernorm_epsilon,
+      gelu=transformer.gelu,
+      dtype=dtype,
+  )
+  field_names = {f.name for f in dataclasses.fields(VisionTransformer)}
+  assert set(kwargs) <= field_names, set(kwargs) - field_names
+  return kwargs
