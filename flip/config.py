@@ -70,10 +70,10 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
   `overrides` are dotted keys without the `--config.` prefix, e.g. "learning_rate=4e-8".
   """
+  argv = ["flip", f"--{_CONFIG_FLAG}={path}"] + [f"--{_CONFIG_FLAG}.{o}" for o in overrides]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file(_CONFIG_FLAG, default=None, flag_values=flag_values,
-                                  lock_config=True)
-  argv = ["flip", f"--{_CONFIG_FLAG}={path}"] + [f"--{_CONFIG_FLAG}.{o}" for o in overrides]
+                                  lock_config=True, sys_argv=argv)
   return parse_config_flags(argv, flag_values)[_CONFIG_FLAG].value
 
 
@@ -118,9 +118,11 @@ def _base_config_or_none(argv: Sequence[str], flag_values: flags.FlagValues):
   if path is None:
     return None
   fresh = flags.FlagValues()
-  config_flags.DEFINE_config_file(_CONFIG_FLAG, default=None, flag_values=fresh)
+  fresh_argv = ["flip", f"--{_CONFIG_FLAG}={path}"]
+  config_flags.DEFINE_config_file(_CONFIG_FLAG, default=None, flag_values=fresh,
+                                  sys_argv=fresh_argv)
   try:
-    fresh(["flip", f"--{_CONFIG_FLAG}={path}"])
+    fresh(fresh_argv)
   except Exception:  # pylint: disable=broad-except
     return None
   return fresh[_CONFIG_FLAG].value
