@@ -35,12 +35,14 @@ effective batch of one optimizer update.
 
 Weight decay: decoupled (AdamW), masked by parameter *path component names*. A parameter is not
 decayed when any component of its path (module names and the leaf name, e.g.
-("img_encoder", "encoderblock_3", "LayerNorm_0", "scale")) is exactly equal to one of
-config.opt.no_decay_names. Equality, not substring: "LayerNorm_0" does not match "norm"; norm layers
-are excluded through their leaf names "scale" and "bias". config.exclude_wd=False decays every
-parameter. For SGD the decay is the classic coupled L2 term added to the gradient before momentum;
-for LARS it is coupled too, and the same mask also exempts those parameters from the trust ratio (as
-in MAE's linear probe).
+("img_encoder", "encoderblock_03", "LayerNorm_0", "scale")) matches one of config.opt.no_decay_names
+as a whole: a plain name must be equal to the component ("bias" matches "bias", never "qkv_bias" or
+"biased_norm"; "norm" never matches "LayerNorm_0"), and a name holding shell wildcards is an
+`fnmatch` pattern for the whole component ("*_bias" matches "qkv_bias" and "out_bias", the fused
+attention biases of flip.models.layers). Norm layers are excluded through their leaf names "scale"
+and "bias". config.exclude_wd=False decays every parameter. For SGD the decay is the classic
+coupled L2 term added to the gradient before momentum; for LARS it is coupled too, and the same mask
+also exempts those parameters from the trust ratio (as in MAE's linear probe).
 
 Layer-wise lr decay: `layer_decay_multipliers` gives every parameter decay ** (num_layers + 1 -
 layer_id) and `scale_updates_per_param` (appended after the lr, so it scales the decoupled weight
@@ -50,6 +52,7 @@ decay too, like a per-group lr in PyTorch) applies them.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Any, Callable, Sequence, Union
 
 import jax
@@ -63,15 +66,19 @@ PathNames = tuple[str, ...]
 # FLIP's convention: config.learning_rate is the lr for a batch of this many samples.
 LR_REFERENCE_BATCH_SIZE = 256
 
-# Parameters FLIP does not weight-decay: biases, norm scales/biases, position embeddings, the cls
-# token and the contrastive logit scale/bias (the design's list), plus MAE's mask token.
-DEFAULT_NO_DECAY_NAMES = ("bias", "scale", "pos_embedding", "cls", "logit_scale", "logit_bias",
-                          "mask_token")
+# Parameters FLIP does not weight-decay: biases (including our models' fused "qkv_bias" and
+# "out_bias"), norm scales/biases, position embeddings, the cls token and the contrastive logit
+# scale/bias (the design's list), plus MAE's mask token.
+DEFAULT_NO_DECAY_NAMES = ("bias", "*_bias", "scale", "pos_embedding", "cls", "logit_scale",
+                          "logit_bias", "mask_token")
 
 # SGD/LARS defaults when config.opt does not set them: momentum 0.9 and trust coefficient 1e-3 as
 # in You et al. 2017 (LARS) and MAE's linear-probe recipe.
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_LARS_TRUST_COEFFICIENT = 1e-3
+
+# Characters that make a no_decay_names entry an fnmatch pattern instead of a plain name.
+_WILDCARD_CHARS = "*?["
 
 OPT_ADAMW = "adamw"
 OPT_SGD = "sgd"
@@ -209,12 +216,22 @@ def no_decay_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(names)
 
 
+def _matches_component(name_or_pattern: str, component: str) -> bool:
+  if any(char in name_or_pattern for char in _WILDCARD_CHARS):
+    return fnmatch.fnmatchcase(component, name_or_pattern)
+  return component == name_or_pattern
+
+
 def weight_decay_mask(params: PyTree,
                       excluded_names: Sequence[str] = DEFAULT_NO_DECAY_NAMES) -> PyTree:
-  """True for parameters that are decayed: no path component equals a name in excluded_names."""
-  excluded = frozenset(excluded_names)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: excluded.isdisjoint(param_path_names(path)), params)
+  """True for decayed parameters: no path component matches a name in excluded_names as a whole."""
+  excluded = tuple(excluded_names)
+
+  def decayed(path, _):
+    return not any(_matches_component(name, component)
+                   for name in excluded for component in param_path_names(path))
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def layer_decay_multipliers(params: PyTree, num_layers: int, decay: float,

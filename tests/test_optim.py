@@ -196,6 +196,9 @@ def flip_like_params():
           "query": {"kernel": z(4, 2, 2), "bias": z(2, 2)},
           "out": {"kernel": z(2, 2, 4), "bias": z(4)},
       },
+      # Fused attention as flip.models.layers names it.
+      "MultiHeadSelfAttention_0": {"qkv_kernel": z(4, 3, 2, 2), "qkv_bias": z(3, 2, 2),
+                                   "out_kernel": z(2, 2, 4), "out_bias": z(4)},
       "LayerNorm_1": {"scale": z(4), "bias": z(4)},
       "MlpBlock_0": {"Dense_0": {"kernel": z(4, 8), "bias": z(8)},
                      "Dense_1": {"kernel": z(8, 4), "bias": z(4)}},
@@ -216,9 +219,10 @@ def flip_like_params():
       },
       "img_proj": {"kernel": z(4, 3)},
       "txt_proj": {"kernel": z(4, 3)},
-      # Substring traps: module names that contain excluded names but are not equal to them.
+      # Substring traps: names that contain excluded names or patterns but do not match them.
       "scale_head": {"kernel": z(3, 2)},
       "biased_norm": {"kernel": z(3, 2)},
+      "bias_head": {"kernel": z(3, 2)},
       "logit_scale": z(),
   }
 
@@ -230,12 +234,14 @@ EXPECTED_DECAYED = {
     "txt_proj/kernel",
     "scale_head/kernel",
     "biased_norm/kernel",
+    "bias_head/kernel",
 } | {
     f"{tower}/Transformer/encoderblock_{i}/{kernel}"
     for tower, blocks in (("img_encoder", 2), ("txt_encoder", 1))
     for i in range(blocks)
     for kernel in ("MultiHeadDotProductAttention_0/query/kernel",
                    "MultiHeadDotProductAttention_0/out/kernel",
+                   "MultiHeadSelfAttention_0/qkv_kernel", "MultiHeadSelfAttention_0/out_kernel",
                    "MlpBlock_0/Dense_0/kernel", "MlpBlock_0/Dense_1/kernel")
 }
 
@@ -250,6 +256,24 @@ def test_weight_decay_mask_excludes_exactly_the_named_parameters():
   mask = flat_mask(optim.weight_decay_mask(params, optim.no_decay_names(make_config())))
   assert len(mask) == len(jax.tree_util.tree_leaves(params))
   assert {path for path, decayed in mask.items() if decayed} == EXPECTED_DECAYED
+
+
+def test_weight_decay_mask_on_the_real_flip_model(repo_root):
+  from flip import config as config_lib  # pylint: disable=g-import-not-at-top
+  from flip.models import flip as flip_model  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(str(repo_root / "configs" / "default.py") + ":smoke")
+  model = flip_model.flip_model_from_config(config)
+  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  tokens = jnp.zeros((1, config.aug.txt.max_len), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), images, tokens, train=False, mask_ratio=0.0))
+  mask = flat_mask(optim.weight_decay_mask(shapes["params"]))
+  # Decayed: exactly the weight matrices and embedding tables.
+  weight_leaf_names = {"kernel", "qkv_kernel", "out_kernel", "embedding", "token_embedding"}
+  decayed = {path for path, is_decayed in mask.items() if is_decayed}
+  assert decayed == {path for path in mask if path.split("/")[-1] in weight_leaf_names}
+  assert any(path.endswith("/qkv_bias") for path in mask)
+  assert "logit_scale" in mask and "logit_scale" not in decayed
 
 
 def test_weight_decay_mask_keeps_frozen_dict_structure():
@@ -271,6 +295,9 @@ def test_weight_decay_mask_without_exclusion_and_with_module_names():
   assert excluded == {"img_proj/kernel"} | {p for p in mask if "/Dense_1/" in p}
   config = make_config(**{"opt.no_decay_names": ("bias",)})
   assert optim.no_decay_names(config) == ("bias",)
+  mask = flat_mask(optim.weight_decay_mask(params, ("bias",)))
+  assert mask["img_encoder/Transformer/encoderblock_0/MultiHeadSelfAttention_0/qkv_bias"]
+  assert not mask["img_encoder/embedding/bias"]
 
 
 # ---------------------------------------------------------------- AdamW, clipping, SGD, LARS
