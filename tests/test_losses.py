@@ -4,7 +4,6 @@ the unsharded loss as the reference for the sharded (pjit / t5x / shard_map) ver
 import functools
 import re
 
-import cached_property
 from flax.linen import partitioning as nn_partitioning
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import pytest
 from t5x import partitioning as t5x_partitioning
 
 from flip import losses
+from flip import partitioning as flip_partitioning
 
 LN_100 = np.log(100.0)
 CLIP_INIT_SCALE_LOG = np.log(1 / 0.07)
@@ -259,10 +259,9 @@ def loss_and_grads(loss_fn):
   return run
 
 
-@functools.lru_cache(maxsize=None)
-def unsharded_result():
-  img, txt = paired_embeddings(9, SHARDED_BATCH, SHARDED_DIM, noise=0.7)
-  return jax.jit(loss_and_grads(losses.contrastive_loss))(img, txt, jnp.float32(np.log(30.0)))
+@pytest.fixture(scope="module")
+def unsharded(sharded_case):
+  return jax.jit(loss_and_grads(losses.contrastive_loss))(*sharded_case)
 
 
 def assert_same_loss_and_grads(result, expected):
@@ -280,25 +279,37 @@ def jit_data_parallel(fn, mesh):
   return jax.jit(fn, in_shardings=(rows, rows, replicated))
 
 
-def test_pjit_sharded_loss_and_grads_equal_unsharded(data_mesh, sharded_case):
+def test_pjit_sharded_loss_and_grads_equal_unsharded(data_mesh, sharded_case, unsharded):
   with jax.set_mesh(data_mesh), nn_partitioning.axis_rules(DATA_RULES):
     sharded = jit_data_parallel(loss_and_grads(losses.contrastive_loss), data_mesh)
     result = sharded(*sharded_case)
   assert result[2][0].sharding.spec == PartitionSpec("data", None), "grads follow the batch"
-  assert_same_loss_and_grads(result, unsharded_result())
+  assert_same_loss_and_grads(result, unsharded)
+
+
+def matrix_shapes(hlo_text):
+  return set(re.findall(r"\b\w+\[(\d+),(\d+)\]", hlo_text))
+
+
+def assert_no_device_holds_the_full_matrix(per_device_hlo):
+  """Post-partitioning HLO has per-device shapes: the [B/8, B] block, never [B, B]."""
+  batch, rows_per_device = str(SHARDED_BATCH), str(SHARDED_BATCH // NUM_DEVICES)
+  shapes = matrix_shapes(per_device_hlo)
+  assert (rows_per_device, batch) in shapes, "the [B/8, B] logits block"
+  assert (batch, batch) not in shapes, "a device materialises the full [B, B] matrix"
 
 
 def test_sharded_logits_never_exceed_b_over_8_rows_per_device(data_mesh, sharded_case):
+  # The check's premise: compiled for one device, the program does hold a [B, B] matrix.
+  single_device_hlo = jax.jit(loss_and_grads(losses.contrastive_loss)).lower(
+      *sharded_case).compile().as_text()
+  assert (str(SHARDED_BATCH), str(SHARDED_BATCH)) in matrix_shapes(single_device_hlo)
   with jax.set_mesh(data_mesh), nn_partitioning.axis_rules(DATA_RULES):
     sharded = jit_data_parallel(loss_and_grads(losses.contrastive_loss), data_mesh)
     lowered = sharded.lower(*sharded_case)
     per_device_hlo = lowered.compile().as_text()
   assert "sharding_constraint" in lowered.as_text()
-  batch, rows_per_device = SHARDED_BATCH, SHARDED_BATCH // NUM_DEVICES
-  matrices = set(re.findall(r"\b\w+\[(\d+),(\d+)\]", per_device_hlo))
-  assert (str(rows_per_device), str(batch)) in matrices, "the [B/8, B] logits block"
-  full = [shape for shape in matrices if shape == (str(batch), str(batch))]
-  assert not full, f"a device materialises the full [B, B] matrix: {full}"
+  assert_no_device_holds_the_full_matrix(per_device_hlo)
 
 
 def test_row_constraint_is_a_noop_without_a_mesh(sharded_case):
@@ -309,29 +320,23 @@ def test_row_constraint_is_a_noop_without_a_mesh(sharded_case):
   assert "sharding_constraint" not in lowered_plain
 
 
-class DataParallelCpuPartitioner(t5x_partitioning.PjitPartitioner):
-  """t5x's partitioner with every simulated CPU device on 'data' (its CPU default puts the local
-  devices on 'model')."""
-
-  @cached_property.cached_property
-  def mesh(self):
-    return Mesh(np.array(jax.devices()).reshape(NUM_DEVICES, 1), ("data", "model"))
-
-
-def test_t5x_partitioned_loss_and_grads_equal_unsharded(sharded_case):
-  partitioner = DataParallelCpuPartitioner(
-      num_partitions=1, logical_axis_rules=t5x_partitioning.standard_logical_axis_rules())
+def test_t5x_partitioned_loss_and_grads_equal_unsharded(sharded_case, unsharded):
+  partitioner = flip_partitioning.FlipPjitPartitioner(num_partitions=1,
+                                                      mesh_shape=(NUM_DEVICES, 1))
+  assert isinstance(partitioner, t5x_partitioning.PjitPartitioner)
   batch_spec = partitioner.data_partition_spec
   partitioned = partitioner.partition(
       loss_and_grads(losses.contrastive_loss),
       in_axis_resources=(batch_spec, batch_spec, None),
       out_axis_resources=(None, None, (batch_spec, batch_spec, None)))
-  assert "sharding_constraint" in partitioned.lower(*sharded_case).as_text()
-  assert_same_loss_and_grads(partitioned(*sharded_case), unsharded_result())
+  lowered = partitioned.lower(*sharded_case)
+  assert "sharding_constraint" in lowered.as_text()
+  assert_no_device_holds_the_full_matrix(lowered.compile().as_text())
+  assert_same_loss_and_grads(partitioned(*sharded_case), unsharded)
 
 
 @pytest.mark.parametrize("via_axis_name_argument", [False, True])
-def test_shard_map_local_loss_and_grads_equal_unsharded(data_mesh, sharded_case,
+def test_shard_map_local_loss_and_grads_equal_unsharded(data_mesh, sharded_case, unsharded,
                                                         via_axis_name_argument):
   if via_axis_name_argument:
     local = functools.partial(losses.contrastive_loss, axis_name="data")
@@ -342,4 +347,4 @@ def test_shard_map_local_loss_and_grads_equal_unsharded(data_mesh, sharded_case,
       in_specs=(PartitionSpec("data"), PartitionSpec("data"), PartitionSpec()),
       out_specs=PartitionSpec())
   result = jax.jit(loss_and_grads(mapped))(*sharded_case)
-  assert_same_loss_and_grads(result, unsharded_result())
+  assert_same_loss_and_grads(result, unsharded)
