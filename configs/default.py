@@ -42,8 +42,9 @@ def get_config(arg=None):
   config.opt.weight_decay = 0.2
   config.opt.momentum = 0.9  # ours: sgd/lars only
   config.opt.clip_grad = 0.0  # ours: global-norm clipping, 0 = off
-  config.opt.no_decay_names = ("bias", "scale", "pos_embedding", "cls", "logit_scale",
-                               "logit_bias", "mask_token")  # ours: what exclude_wd excludes
+  # ours: what exclude_wd excludes (whole path components; "*_bias" = the fused attention biases)
+  config.opt.no_decay_names = ("bias", "*_bias", "scale", "pos_embedding", "cls", "logit_scale",
+                               "logit_bias", "mask_token")
   config.opt_mu_dtype = "float32"  # FLIP
   config.exclude_wd = True  # FLIP: no decay on bias, norm, pos-embedding, cls, logit scale
 

@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 def _flag_error_line(err: BaseException) -> str:
   """The useful last line of an absl/ml_collections parsing error."""
-  text = str(err).strip().strip("'\"")
+  text = str(err).strip()
+  if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+    text = text[1:-1]
   text = text.replace("\\n", " ").replace("\\'", "'")
   return " ".join(text.split())
 
@@ -74,7 +76,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file(_CONFIG_FLAG, default=None, flag_values=flag_values,
                                   lock_config=True, sys_argv=argv)
-  return parse_config_flags(argv, flag_values)[_CONFIG_FLAG].value
+  parse_config_flags(argv, flag_values)
+  return flag_values[_CONFIG_FLAG].value
 
 
 def _make_config_package_importable(argv: Sequence[str]) -> None:
@@ -88,11 +91,13 @@ def _make_config_package_importable(argv: Sequence[str]) -> None:
           sys.path.insert(0, root)
 
 
-def parse_config_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS):
-  """Parses argv into `flag_values`, turning any config problem into a one-line ConfigError."""
+def parse_config_flags(argv: Sequence[str],
+                       flag_values: flags.FlagValues = flags.FLAGS) -> List[str]:
+  """Parses argv into `flag_values` (returning the unparsed arguments, as absl does), turning any
+  config problem into a one-line ConfigError."""
   _make_config_package_importable(argv)
   try:
-    flag_values(list(argv))
+    return flag_values(list(argv))
   except (AttributeError, KeyError) as err:
     keys = override_keys(argv)
     config = _base_config_or_none(argv, flag_values)
@@ -106,7 +111,6 @@ def parse_config_flags(argv: Sequence[str], flag_values: flags.FlagValues = flag
     raise ConfigError(_flag_error_line(err)) from None
   except (TypeError, ValueError) as err:
     raise ConfigError(f"bad config value: {_flag_error_line(err)}") from None
-  return flag_values
 
 
 def _base_config_or_none(argv: Sequence[str], flag_values: flags.FlagValues):

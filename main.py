@@ -1,0 +1,89 @@
+"""Entry point: `python3 main.py --workdir=DIR --config=configs/cfg_….py [--config.KEY=VALUE …]
+[--gin_file=gin/….gin] [--gin.BINDING=VALUE]`.
+
+Masked pretraining, unmasked tuning (`--config.pretrain_dir`, `--config.model.model_img.mask_ratio=0`)
+and zero-shot evaluation (`--config.eval_only=True`) all go through here, as in FLIP. Configs hold
+numbers (ml_collections, type-checked overrides); gin files wire components (partitioner class, axis
+rules, task). Configuration problems are refused before any compute with one line naming the key.
+Multi-process runs (several hosts, or several processes on one machine for testing) pass
+`--coordinator_address`, `--num_processes` and `--process_id` (or rely on the cluster's
+auto-detection on TPU/SLURM), which calls `jax.distributed.initialize`.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from flip import config as config_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and tensorboard events.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/…py).",
+                                          lock_config=True)
+_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin files wiring components (gin/…gin).")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [],
+                                          "gin bindings; --gin.NAME=VALUE is rewritten to this.")
+_GIN_SEARCH_PATHS = flags.DEFINE_list("gin_search_paths", [os.path.dirname(__file__) or "."],
+                                      "Directories to search for gin files and includes.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for jax.distributed (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo",
+                                       "CPU collectives implementation for multi-process CPU runs.")
+
+
+def parse_flags(argv):
+  """absl flag parsing with `--gin.X=Y` rewriting and one-line config errors."""
+  from t5x import gin_utils  # pylint: disable=g-import-not-at-top
+  argv = gin_utils.rewrite_gin_args(argv)
+  try:
+    return config_lib.parse_config_flags(argv, flags.FLAGS)
+  except config_lib.ConfigError as err:
+    config_lib.exit_on_config_error(err)
+
+
+def _initialize_distributed():
+  if _COORDINATOR.value is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if _CPU_COLLECTIVES.value:
+    jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required")
+  config = _CONFIG.value
+  try:
+    config_lib.validate_config(config)
+  except config_lib.ConfigError as err:
+    config_lib.exit_on_config_error(err)
+
+  import gin  # pylint: disable=g-import-not-at-top
+  for path in _GIN_SEARCH_PATHS.value:
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value, finalize_config=True)
+
+  _initialize_distributed()
+  # Heavy imports only after the command line has been accepted.
+  from flip import evaluate  # pylint: disable=g-import-not-at-top
+  from flip import train  # pylint: disable=g-import-not-at-top
+  if config.eval_only:
+    evaluate.run_eval_only(config, _WORKDIR.value)
+  else:
+    train.train_and_evaluate(config, _WORKDIR.value, eval_hooks=evaluate.eval_hooks(config))
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.INFO)
+  app.run(main, flags_parser=parse_flags)
