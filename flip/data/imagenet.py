@@ -1,0 +1,338 @@
+"""Evaluation data: labelled image sets for zero-shot classification, caption sets for retrieval.
+
+Owns where evaluation images, labels, class names and prompt templates come from; the zero-shot
+arithmetic and the sharded loop live in `flip.evaluate`. Image decoding and the eval resize +
+centre crop are `flip.data.transforms.eval_transform` (the same ops as training's pipeline).
+
+Sources (`config.eval_dataset`):
+- a tfds name, e.g. "imagenet2012:5.*.*" (FLIP's), read from `TFDS_DATA_DIR` (or tfds' default
+  directory), split "validation" (else "test" if the dataset has no validation split). The number
+  of images is read from the prepared dataset's metadata, never assumed. Class names: for
+  imagenet2012 the CLIP class names in `flip/assets/imagenet_zeroshot.json`; for other tfds
+  datasets the `classnames_file` when given, else the names of the tfds `label` feature.
+- "folder:<dir>" or an existing directory (anything else is a tfds name): one sub-folder per class, images inside (jpeg, png,
+  gif, bmp, webp; grey and RGBA images are converted to RGB by the decoder; other files are
+  ignored). Labels follow the sorted sub-folder names. The class-name file is `classnames_file`, or
+  `<dir>/classnames.txt` when that is empty. Two formats: `.txt` has one class name per line, in
+  sorted sub-folder order (exactly one line per sub-folder); `.json` is an object mapping every
+  sub-folder name to its class name.
+- "demo:<dir>": the demo's held-out Fashion-MNIST split (`flip.data.demo`): TFRecords with `jpg`
+  bytes and `label` int64, plus `classes.json` holding the class names and the demo's own
+  evaluation templates. `<dir>` is that folder or its parent holding it as `test/`.
+Prompt templates for tfds and image folders are the `templates` key of
+`imagenet_zeroshot.json` (`templates_full`: CLIP's 80, `templates_short`: 7, `templates_none`).
+
+Retrieval captions (`config.zeroshot.retrieval_path`): TFRecords in the LAION (img2dataset) layout,
+features `jpg` and `txt`, one caption per image; a directory, a glob pattern or one file.
+
+Per-process sharding. Every source splits its (first `max_images`) examples into `num_shards`
+contiguous or strided parts whose sizes differ by at most one, so no shard holds more than
+ceil(N / num_shards) examples: `flip.evaluate` pads every shard to the same number of batches with
+that bound and checks afterwards that exactly N valid images were counted. Files are read in sorted
+order without shuffling, so a shard's content is deterministic.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import tensorflow as tf
+
+from flip.data import transforms
+
+tf.config.set_visible_devices([], "GPU")
+
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+IMAGENET_ZEROSHOT_FILE = os.path.join(ASSETS_DIR, "imagenet_zeroshot.json")
+IMAGENET_TFDS_NAME = "imagenet2012"
+TFDS_SPLITS = ("validation", "test")  # the first one the dataset has is evaluated
+TFDS_DATA_DIR_ENV = "TFDS_DATA_DIR"
+FOLDER_PREFIX = "folder:"
+DEMO_PREFIX = "demo:"
+DEMO_SPLIT_DIR = "test"
+DEMO_CLASSES_FILE = "classes.json"
+DEFAULT_CLASSNAMES_FILE = "classnames.txt"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+TFRECORD_FEATURE_IMAGE = "jpg"  # img2dataset's image column
+TFRECORD_FEATURE_CAPTION = "txt"
+TFRECORD_FEATURE_LABEL = "label"
+_NOT_TFRECORD = (".json", ".txt", ".parquet", ".csv")
+
+EncodedReader = Callable[[int, int], tf.data.Dataset]
+
+
+class EvalDataError(ValueError):
+  """An evaluation data set that cannot be used, in one line naming the data set or file."""
+
+
+def max_shard_size(num_examples: int, num_shards: int) -> int:
+  """The most examples any of `num_shards` shards holds (shard sizes differ by at most one)."""
+  return int(math.ceil(num_examples / num_shards)) if num_examples else 0
+
+
+@dataclasses.dataclass
+class ClassificationSource:
+  """A labelled image set: `dataset()` yields {"image": uint8 [S, S, 3], "label": int32}."""
+  name: str
+  classnames: List[str]
+  templates: List[str]
+  num_examples: int
+  read_encoded: EncodedReader  # (shard_index, num_shards) -> {"image": bytes, "label": int}
+
+  def dataset(self, shard_index: int, num_shards: int, image_size: int) -> tf.data.Dataset:
+    def decode(example):
+      return {"image": transforms.eval_transform(example["image"], image_size),
+              "label": tf.cast(example["label"], tf.int32)}
+    return self.read_encoded(shard_index, num_shards).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+@dataclasses.dataclass
+class CaptionSource:
+  """Image-caption pairs: `dataset()` yields {"image": uint8 [S, S, 3], "caption": string}."""
+  name: str
+  num_examples: int
+  read_encoded: EncodedReader  # (shard_index, num_shards) -> {"image": bytes, "caption": str}
+
+  def dataset(self, shard_index: int, num_shards: int, image_size: int) -> tf.data.Dataset:
+    def decode(example):
+      return {"image": transforms.eval_transform(example["image"], image_size),
+              "caption": example["caption"]}
+    return self.read_encoded(shard_index, num_shards).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+# --- class names and templates ------------------------------------------------------------------
+
+def load_imagenet_zeroshot(path: str = IMAGENET_ZEROSHOT_FILE) -> Dict[str, List[str]]:
+  with open(path) as f:
+    return json.load(f)
+
+
+def imagenet_templates(templates_key: str, path: str = IMAGENET_ZEROSHOT_FILE) -> List[str]:
+  """The template list stored under `templates_key` (config.zeroshot.templates)."""
+  data = load_imagenet_zeroshot(path)
+  known = sorted(k for k in data if k.startswith("templates"))
+  if templates_key not in known:
+    raise EvalDataError(f"config.zeroshot.templates={templates_key!r} is not in {path} "
+                        f"(known: {', '.join(known)})")
+  return check_templates(list(data[templates_key]), f"{path}:{templates_key}")
+
+
+def check_templates(templates: Sequence[str], where: str) -> List[str]:
+  if not templates:
+    raise EvalDataError(f"{where} holds no prompt templates")
+  for template in templates:
+    if "{}" not in template:
+      raise EvalDataError(f"{where}: template {template!r} has no '{{}}' placeholder")
+  return list(templates)
+
+
+def read_classnames_file(path: str, folder_names: Optional[Sequence[str]] = None) -> List[str]:
+  """Class names from a `.txt` (one per line, in sorted folder order) or `.json` file.
+
+  A `.json` file is either a list (in sorted folder order) or, with `folder_names`, an object
+  mapping each folder name to its class name.
+  """
+  if not tf.io.gfile.exists(path):
+    raise EvalDataError(f"class-name file not found: {path}")
+  with tf.io.gfile.GFile(path) as f:
+    text = f.read()
+  if path.endswith(".json"):
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as err:
+      raise EvalDataError(f"{path} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and folder_names is not None:
+      missing = [name for name in folder_names if name not in data]
+      if missing:
+        raise EvalDataError(f"{path} has no class name for folder {missing[0]!r} "
+                            f"({len(missing)} folders missing)")
+      names = [str(data[name]) for name in folder_names]
+    elif isinstance(data, list):
+      names = [str(name) for name in data]
+    else:
+      raise EvalDataError(f"{path} must hold a list of class names or a folder -> name object")
+  else:
+    names = [line.strip() for line in text.splitlines()]
+    while names and not names[-1]:
+      names.pop()
+  empty = [i for i, name in enumerate(names) if not name]
+  if empty:
+    raise EvalDataError(f"{path}: class name {empty[0]} is empty")
+  if folder_names is not None and len(names) != len(folder_names):
+    raise EvalDataError(f"{path} lists {len(names)} class names but there are "
+                        f"{len(folder_names)} class folders")
+  return names
+
+
+# --- tfds -----------------------------------------------------------------------------------------
+
+def _tfds_source(spec: str, templates_key: str, classnames_file: str,
+                 max_images: int) -> ClassificationSource:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = os.environ.get(TFDS_DATA_DIR_ENV) or None
+  shown_dir = data_dir or f"tfds' default (set {TFDS_DATA_DIR_ENV})"
+  not_found = EvalDataError(f"tfds dataset {spec!r} not found in {TFDS_DATA_DIR_ENV}={shown_dir}")
+  try:
+    builder = tfds.builder(spec, data_dir=data_dir)
+  except Exception:  # pylint: disable=broad-except (tfds raises several kinds for "not there")
+    raise not_found from None
+  if not builder.is_prepared():
+    raise not_found
+  split = next((s for s in TFDS_SPLITS if s in builder.info.splits), None)
+  if split is None:
+    raise EvalDataError(f"tfds dataset {spec!r} has none of the splits {TFDS_SPLITS}")
+  total = builder.info.splits[split].num_examples
+  num_examples = min(total, max_images) if max_images > 0 else total
+  split_spec = f"{split}[:{num_examples}]"
+
+  name = spec.split(":")[0]
+  if classnames_file:
+    classnames = read_classnames_file(classnames_file)
+  elif name == IMAGENET_TFDS_NAME:
+    classnames = list(load_imagenet_zeroshot()["classes"])
+  else:
+    classnames = list(builder.info.features["label"].names)
+  num_labels = builder.info.features["label"].num_classes
+  if len(classnames) != num_labels:
+    raise EvalDataError(f"{len(classnames)} class names for tfds dataset {spec!r} with "
+                        f"{num_labels} labels")
+
+  def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
+    shard = tfds.even_splits(split_spec, n=num_shards, drop_remainder=False)[shard_index]
+    ds = builder.as_dataset(split=shard, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+  return ClassificationSource(name=name, classnames=classnames,
+                              templates=imagenet_templates(templates_key),
+                              num_examples=num_examples, read_encoded=read)
+
+
+# --- image folders ------------------------------------------------------------------------------
+
+def _folder_source(root: str, templates_key: str, classnames_file: str,
+                   max_images: int) -> ClassificationSource:
+  if not tf.io.gfile.isdir(root):
+    raise EvalDataError(f"image folder not found: {root}")
+  folders = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
+                   if tf.io.gfile.isdir(os.path.join(root, d)))
+  if not folders:
+    raise EvalDataError(f"image folder {root} has no class sub-folders")
+  paths, labels = [], []
+  for label, folder in enumerate(folders):
+    for file_name in sorted(tf.io.gfile.listdir(os.path.join(root, folder))):
+      if file_name.lower().endswith(IMAGE_EXTENSIONS):
+        paths.append(os.path.join(root, folder, file_name))
+        labels.append(label)
+  if not paths:
+    raise EvalDataError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+  if max_images > 0:
+    paths, labels = paths[:max_images], labels[:max_images]
+  classnames = read_classnames_file(
+      classnames_file or os.path.join(root, DEFAULT_CLASSNAMES_FILE), folders)
+
+  def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
+    ds = ds.shard(num_shards, shard_index)
+    return ds.map(lambda ex: {"image": tf.io.read_file(ex["path"]), "label": ex["label"]})
+
+  return ClassificationSource(name=os.path.basename(os.path.normpath(root)),
+                              classnames=classnames, templates=imagenet_templates(templates_key),
+                              num_examples=len(paths), read_encoded=read)
+
+
+# --- TFRecord sets (demo test split, retrieval captions) ----------------------------------------
+
+def tfrecord_files(path: str) -> List[str]:
+  """Sorted TFRecord files of a directory, a glob pattern or a single file."""
+  if tf.io.gfile.isdir(path):
+    files = [os.path.join(path, f) for f in tf.io.gfile.listdir(path)]
+    files = [f for f in files if not tf.io.gfile.isdir(f) and not f.endswith(_NOT_TFRECORD)]
+  elif any(ch in path for ch in "*?["):
+    files = tf.io.gfile.glob(path)
+  else:
+    files = [path] if tf.io.gfile.exists(path) else []
+  if not files:
+    raise EvalDataError(f"no TFRecord files at {path}")
+  return sorted(files)
+
+
+def count_records(files: Sequence[str]) -> int:
+  return int(tf.data.TFRecordDataset(list(files)).reduce(
+      tf.constant(0, tf.int64), lambda count, _: count + 1).numpy())
+
+
+def _tfrecord_reader(files: Sequence[str], num_examples: int,
+                     features: Dict[str, tf.io.FixedLenFeature],
+                     rename: Dict[str, str]) -> EncodedReader:
+  def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
+    ds = tf.data.TFRecordDataset(list(files)).take(num_examples).shard(num_shards, shard_index)
+
+    def parse(record):
+      example = tf.io.parse_single_example(record, features)
+      return {new: example[old] for old, new in rename.items()}
+    return ds.map(parse)
+  return read
+
+
+def _demo_dir(path: str) -> str:
+  for candidate in (path, os.path.join(path, DEMO_SPLIT_DIR)):
+    if tf.io.gfile.exists(os.path.join(candidate, DEMO_CLASSES_FILE)):
+      return candidate
+  raise EvalDataError(f"demo test split not found: no {DEMO_CLASSES_FILE} in {path} or "
+                      f"{os.path.join(path, DEMO_SPLIT_DIR)} (build it with flip.data.demo)")
+
+
+def _demo_source(path: str, max_images: int) -> ClassificationSource:
+  split_dir = _demo_dir(path)
+  classes_path = os.path.join(split_dir, DEMO_CLASSES_FILE)
+  with tf.io.gfile.GFile(classes_path) as f:
+    meta = json.load(f)
+  for key in ("classes", "templates"):
+    if key not in meta:
+      raise EvalDataError(f"{classes_path} has no {key!r} key")
+  files = tfrecord_files(split_dir)
+  total = count_records(files)
+  num_examples = min(total, max_images) if max_images > 0 else total
+  features = {TFRECORD_FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
+              TFRECORD_FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64)}
+  read = _tfrecord_reader(files, num_examples, features,
+                          {TFRECORD_FEATURE_IMAGE: "image", TFRECORD_FEATURE_LABEL: "label"})
+  return ClassificationSource(name="demo", classnames=[str(c) for c in meta["classes"]],
+                              templates=check_templates(meta["templates"], classes_path),
+                              num_examples=num_examples, read_encoded=read)
+
+
+def caption_source(path: str, max_images: int = 0) -> CaptionSource:
+  """A held-out image-caption set in the LAION TFRecord layout (`jpg`, `txt`)."""
+  files = tfrecord_files(path)
+  total = count_records(files)
+  num_examples = min(total, max_images) if max_images > 0 else total
+  features = {TFRECORD_FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
+              TFRECORD_FEATURE_CAPTION: tf.io.FixedLenFeature([], tf.string)}
+  read = _tfrecord_reader(files, num_examples, features,
+                          {TFRECORD_FEATURE_IMAGE: "image", TFRECORD_FEATURE_CAPTION: "caption"})
+  return CaptionSource(name=os.path.basename(os.path.normpath(path.rstrip("*"))) or "captions",
+                       num_examples=num_examples, read_encoded=read)
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+def classification_source(eval_dataset: str, templates_key: str, classnames_file: str = "",
+                          max_images: int = 0) -> ClassificationSource:
+  """The source named by `config.eval_dataset` (see the module docstring for the forms)."""
+  if not eval_dataset:
+    raise EvalDataError("config.eval_dataset is empty")
+  if eval_dataset.startswith(DEMO_PREFIX):
+    return _demo_source(eval_dataset[len(DEMO_PREFIX):], max_images)
+  if eval_dataset.startswith(FOLDER_PREFIX):
+    return _folder_source(eval_dataset[len(FOLDER_PREFIX):], templates_key, classnames_file,
+                          max_images)
+  if tf.io.gfile.isdir(eval_dataset):
+    return _folder_source(eval_dataset, templates_key, classnames_file, max_images)
+  return _tfds_source(eval_dataset, templates_key, classnames_file, max_images)

@@ -1,0 +1,327 @@
+"""Tests for flip.evaluate: zero-shot classifier, top-k, retrieval, padding, hooks and eval_only.
+
+Fake encoders keep most tests to milliseconds of compute; references are float64 numpy.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, List
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from flip import evaluate
+from flip import partitioning
+
+P = jax.sharding.PartitionSpec
+IMAGE_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def partitioner():
+  """data=4 x model=2 over the 8 simulated CPU devices."""
+  return partitioning.FlipPjitPartitioner(num_partitions=2, mesh_shape=(4, 2))
+
+
+@dataclasses.dataclass
+class InMemorySource:
+  """A source of already decoded images: the evaluator's duck-typed source interface."""
+  name: str
+  classnames: List[str]
+  templates: List[str]
+  images: np.ndarray
+  labels: np.ndarray
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.images)
+
+  def dataset(self, shard_index, num_shards, image_size):
+    del image_size
+    ds = tf.data.Dataset.from_tensor_slices({"image": self.images, "label": self.labels})
+    return ds.shard(num_shards, shard_index)
+
+
+@dataclasses.dataclass
+class InMemoryCaptions:
+  name: str
+  images: np.ndarray
+  captions: List[str]
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.images)
+
+  def dataset(self, shard_index, num_shards, image_size):
+    del image_size
+    ds = tf.data.Dataset.from_tensor_slices({"image": self.images, "caption": self.captions})
+    return ds.shard(num_shards, shard_index)
+
+
+def class_names(num_classes: int) -> List[str]:
+  return [f"cls{i:03d}" for i in range(num_classes)]
+
+
+def name_tokenizer(classnames: List[str], templates: List[str], max_len: int = 3) -> Callable:
+  """Prompt -> [class id + 1, template id + 1, 0]; unknown words -> 0 (pad)."""
+  def tokenize(strings):
+    out = np.zeros((len(strings), max_len), np.int32)
+    for row, text in enumerate(strings):
+      for c, name in enumerate(classnames):
+        if name in text:
+          out[row, 0] = c + 1
+          text = text.replace(name, "{}")
+      for t, template in enumerate(templates):
+        if text == template:
+          out[row, 1] = t + 1
+    return out
+  return tokenize
+
+
+def constant_images(values: np.ndarray) -> np.ndarray:
+  return np.broadcast_to(np.asarray(values, np.uint8)[:, None, None, None],
+                         (len(values), IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+
+
+def one_hot_evaluator(partitioner, num_classes, batch_size, templates):
+  """Image embedding = one-hot of the pixel value; text embedding = one-hot of the class name."""
+  dim = num_classes + 1
+
+  def encode_image(params, images):
+    return jax.nn.one_hot(images[:, 0, 0, 0].astype(jnp.int32), dim) * params["scale"]
+
+  def encode_text(params, tokens):
+    return jax.nn.one_hot(tokens[:, 0] - 1, dim) * params["scale"]
+
+  params = {"scale": jnp.ones(())}
+  ev = evaluate.Evaluator(partitioner, encode_image, encode_text, params_axes={"scale": P()},
+                          tokenize=name_tokenizer(class_names(num_classes), templates),
+                          image_size=IMAGE_SIZE, batch_size=batch_size)
+  return ev, params
+
+
+TEMPLATES = ["a photo of a {}.", "itap of the {}.", "{}"]
+
+
+def test_one_hot_model_scores_100_percent(partitioner):
+  num_classes, num_images = 12, 37
+  labels = np.arange(num_images) % num_classes
+  source = InMemorySource("toy", class_names(num_classes), TEMPLATES, constant_images(labels),
+                          labels)
+  ev, params = one_hot_evaluator(partitioner, num_classes, 8, TEMPLATES)
+  metrics = ev.zeroshot(params, source)
+  assert metrics == {"zeroshot/toy/top1": 1.0, "zeroshot/toy/top5": 1.0,
+                     "zeroshot/toy/num_images": 37.0}
+
+
+def test_shuffled_labels_score_near_chance(partitioner):
+  num_classes, num_images = 10, 400
+  rng = np.random.RandomState(0)
+  true = rng.randint(0, num_classes, num_images)
+  shuffled = rng.permutation(true)
+  source = InMemorySource("shuf", class_names(num_classes), TEMPLATES, constant_images(true),
+                          shuffled)
+  ev, params = one_hot_evaluator(partitioner, num_classes, 16, TEMPLATES)
+  metrics = ev.zeroshot(params, source)
+  top1 = metrics["zeroshot/shuf/top1"]
+  # Exactly the images whose shuffled label happens to equal the true class; ties (every wrong
+  # class scores 0) count against the model, so top-5 gains nothing here.
+  assert top1 == pytest.approx(np.mean(true == shuffled))
+  assert abs(top1 - 1.0 / num_classes) < 0.05
+  assert metrics["zeroshot/shuf/top5"] == pytest.approx(top1)
+
+
+def test_partial_last_batch_counted_exactly_once(partitioner):
+  """10 images, global batch 4 (data axis 4): the last batch holds 2 images and 2 paddings."""
+  num_classes = 3
+  true = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 1])
+  labels = true.copy()
+  labels[[3, 9]] = [1, 2]  # two wrong labels, one of them in the partial last batch
+  source = InMemorySource("ten", class_names(num_classes), TEMPLATES, constant_images(true), labels)
+  ev, params = one_hot_evaluator(partitioner, num_classes, 4, TEMPLATES)
+  num_batches, _ = ev.local_batches(source)
+  assert num_batches == 3
+  metrics = ev.zeroshot(params, source)
+  # Padding is image 0 / label 0 (a "correct" example): counted, it would give 10/12.
+  assert metrics["zeroshot/ten/num_images"] == 10
+  assert metrics["zeroshot/ten/top1"] == pytest.approx(8 / 10)
+  assert metrics["zeroshot/ten/top5"] == 1.0  # k capped at 3 classes
+
+
+def test_padded_shards_cover_every_example_once(partitioner):
+  """Per-process shards (simulated layouts) have equal batch counts and partition the data."""
+  num_images = 23
+  labels = np.arange(num_images) % 5
+  source = InMemorySource("s", class_names(5), TEMPLATES, constant_images(np.arange(num_images)),
+                          labels)
+  ev, _ = one_hot_evaluator(partitioner, 5, 8, TEMPLATES)
+  seen, counts = [], set()
+  for shard in range(3):
+    ev.layout = dataclasses.replace(ev.layout, shard_id=shard, num_shards=3)
+    ev.local_batch = 2
+    num_batches, batches = ev.local_batches(source)
+    batches = list(batches)
+    counts.add((num_batches, len(batches)))
+    for batch in batches:
+      assert batch["image"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+      seen.extend(batch["image"][batch["valid"], 0, 0, 0].tolist())
+  assert counts == {(4, 4)}  # ceil(ceil(23 / 3) / 2)
+  assert sorted(seen) == list(range(num_images))
+
+
+def linear_model(rng, num_features, vocab, dim):
+  return {"img": jnp.asarray(rng.randn(num_features, dim), jnp.float32),
+          "txt": jnp.asarray(rng.randn(vocab, dim), jnp.float32)}
+
+
+def linear_encoders():
+  def encode_image(params, images):
+    feats = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
+    return jnp.dot(feats, params["img"], precision=jax.lax.Precision.HIGHEST)
+
+  def encode_text(params, tokens):
+    emb = params["txt"][tokens] * (tokens > 0)[..., None]
+    return jnp.sum(emb, axis=1)
+  return encode_image, encode_text
+
+
+def np_text_embedding(params, tokens):
+  table = np.asarray(params["txt"], np.float64)
+  return np.sum(table[tokens] * (tokens > 0)[..., None], axis=1)
+
+
+def test_classifier_weights_match_float64_reference(partitioner):
+  rng = np.random.RandomState(1)
+  num_classes, dim = 7, 6
+  names, templates = class_names(num_classes), TEMPLATES
+  tokenize = name_tokenizer(names, templates)
+  params = linear_model(rng, 3, num_classes + len(templates) + 1, dim)
+  # Text embeddings of different norms per template: averaging normalised vectors matters.
+  params["txt"] = params["txt"] * jnp.arange(1, params["txt"].shape[0] + 1)[:, None]
+  encode_image, encode_text = linear_encoders()
+  ev = evaluate.Evaluator(partitioner, encode_image, encode_text,
+                          params_axes={"img": P(None, "model"), "txt": P(None, "model")},
+                          tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=4)
+  weights = ev.classifier_weights(params, names, templates)
+
+  reference = np.zeros((dim, num_classes))
+  for c, name in enumerate(names):
+    emb = np_text_embedding(params, tokenize([t.replace("{}", name) for t in templates]))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    mean = emb.mean(axis=0)
+    reference[:, c] = mean / np.linalg.norm(mean)
+  assert weights.shape == (dim, num_classes)
+  np.testing.assert_allclose(weights, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_matches_numpy_reference_and_top5_at_least_top1(partitioner):
+  rng = np.random.RandomState(2)
+  num_classes, num_images, dim = 9, 45, 6
+  names = class_names(num_classes)
+  params = linear_model(rng, IMAGE_SIZE * IMAGE_SIZE * 3, num_classes + len(TEMPLATES) + 1, dim)
+  images = rng.randint(0, 256, (num_images, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
+  labels = rng.randint(0, num_classes, num_images)
+  encode_image, encode_text = linear_encoders()
+  tokenize = name_tokenizer(names, TEMPLATES)
+  ev = evaluate.Evaluator(partitioner, encode_image, encode_text,
+                          params_axes={"img": P(None, "model"), "txt": P(None, "model")},
+                          tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=8)
+  metrics = ev.zeroshot(params, InMemorySource("rand", names, TEMPLATES, images, labels))
+
+  weights = ev.classifier_weights(params, names, TEMPLATES).astype(np.float64)
+  feats = images.reshape(num_images, -1).astype(np.float64) / 255.0
+  emb = feats @ np.asarray(params["img"], np.float64)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  order = np.argsort(-(emb @ weights), axis=1)
+  ref_top1 = np.mean(order[:, 0] == labels)
+  ref_top5 = np.mean([labels[i] in order[i, :5] for i in range(num_images)])
+  assert metrics["zeroshot/rand/top1"] == pytest.approx(ref_top1)
+  assert metrics["zeroshot/rand/top5"] == pytest.approx(ref_top5)
+  assert metrics["zeroshot/rand/top5"] >= metrics["zeroshot/rand/top1"]
+  assert 0.0 < ref_top1 < ref_top5 < 1.0  # the case is not degenerate
+
+
+def test_label_outside_classes_is_refused(partitioner):
+  source = InMemorySource("bad", class_names(3), TEMPLATES, constant_images(np.zeros(4)),
+                          np.array([0, 1, 3, 2]))
+  ev, params = one_hot_evaluator(partitioner, 3, 4, TEMPLATES)
+  with pytest.raises(evaluate.EvalError, match="'bad' has label 3 outside"):
+    ev.zeroshot(params, source)
+
+
+def test_batch_size_must_divide_over_data_axis(partitioner):
+  with pytest.raises(evaluate.EvalError, match="config.zeroshot.batch_size 6"):
+    one_hot_evaluator(partitioner, 3, 6, TEMPLATES)
+
+
+def test_prompts_and_canonicalisation():
+  prompts = evaluate.class_prompts(["T-shirt/top", "Ankle  boot"], ["a photo of the {}.", "{}"])
+  assert prompts == ["a photo of the T-shirt/top.", "T-shirt/top", "a photo of the Ankle  boot.",
+                     "Ankle  boot"]
+  canon = evaluate.class_prompts(["T-shirt/top", "Ankle  boot"], ["A photo of the {}!", "{}"],
+                                 canonicalize=True)
+  assert canon == ["a photo of the tshirttop", "tshirttop", "a photo of the ankle boot",
+                   "ankle boot"]
+  assert evaluate.canonicalize_text("  Jack-o'-lantern,\tGreat   WHITE shark. ") == (
+      "jackolantern great white shark")
+
+
+def test_retrieval_metrics_hand_computed():
+  # Similarities (rows: images, cols: texts), all vectors unit length:
+  #   img0=(1,0)  img1=(0,1)  img2=(.6,.8);  txt0=(.8,.6) txt1=(.6,.8) txt2=(1,0)
+  #   img0: .8  .6  1.   -> pair 0 scores .8, beaten by txt2      -> rank 1
+  #   img1: .6  .8  0.   -> pair 1 is best                          -> rank 0
+  #   img2: .96 1.  .6   -> pair 2 is worst                         -> rank 2
+  #   text->image columns: txt0 (.8, .6, .96) rank 1; txt1 (.6, .8, 1.) rank 1; txt2 (1, 0, .6) 1
+  img = np.array([[1, 0], [0, 1], [0.6, 0.8]])
+  txt = np.array([[0.8, 0.6], [0.6, 0.8], [1, 0]])
+  np.testing.assert_array_equal(evaluate.pair_ranks(img, txt), [1, 0, 2])
+  np.testing.assert_array_equal(evaluate.pair_ranks(txt, img), [1, 1, 1])
+  metrics = evaluate.retrieval_metrics(img, txt, ks=(1, 2, 3))
+  assert metrics["i2t_r1"] == pytest.approx(1 / 3)
+  assert metrics["i2t_r2"] == pytest.approx(2 / 3)
+  assert metrics["i2t_r3"] == 1.0
+  assert metrics["t2i_r1"] == 0.0
+  assert metrics["t2i_r2"] == 1.0
+
+
+def test_retrieval_ties_count_against():
+  same = np.ones((4, 3))
+  metrics = evaluate.retrieval_metrics(same, same, ks=(1, 4))
+  assert metrics == {"i2t_r1": 0.0, "t2i_r1": 0.0, "i2t_r4": 1.0, "t2i_r4": 1.0}
+
+
+def test_sharded_retrieval_matches_host_reference(partitioner):
+  rng = np.random.RandomState(3)
+  num_pairs, dim, vocab = 11, 4, 20
+  params = linear_model(rng, IMAGE_SIZE * IMAGE_SIZE * 3, vocab, dim)
+  images = rng.randint(0, 256, (num_pairs, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)
+  tokens = rng.randint(1, vocab, (num_pairs, 3)).astype(np.int32)
+  captions = [" ".join(map(str, row)) for row in tokens]
+  tokenize = lambda strings: np.asarray([[int(w) for w in s.split()] or [0, 0, 0]
+                                         for s in strings], np.int32)
+  encode_image, encode_text = linear_encoders()
+  ev = evaluate.Evaluator(partitioner, encode_image, encode_text,
+                          params_axes={"img": P(None, "model"), "txt": P(None, "model")},
+                          tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=4)
+  metrics = ev.retrieval(params, InMemoryCaptions("caps", images, captions))
+  img = images.reshape(num_pairs, -1).astype(np.float64) / 255.0 @ np.asarray(params["img"])
+  txt = np_text_embedding(params, tokens)
+  reference = evaluate.retrieval_metrics(img, txt)
+  assert metrics["retrieval/caps/num_pairs"] == num_pairs
+  for key, value in reference.items():
+    assert metrics[f"retrieval/caps/{key}"] == pytest.approx(value)
+
+
+def test_zeroshot_settings_defaults_and_unknown_key():
+  config = ml_collections.ConfigDict()
+  assert evaluate.zeroshot_settings(config) == evaluate.ZeroShotSettings()
+  config.zeroshot = ml_collections.ConfigDict({"templates": "templates_short", "batch_size": 8})
+  assert evaluate.zeroshot_settings(config).templates == "templates_short"
+  config.zeroshot.max_imgs = 3
+  with pytest.raises(evaluate.EvalError, match="config.zeroshot.max_imgs"):
+    evaluate.zeroshot_settings(config)
