@@ -15,6 +15,11 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# N * (1 - ratio) is rounded to this many decimals before rounding half up, so a decimal ratio
+# whose product is an exact half in decimal (15 * (1 - 0.9) = 1.5) is not pushed below it by
+# binary floating-point error (1 - 0.9 = 0.0999...).
+_KEPT_PRODUCT_DECIMALS = 9
+
 
 class TokenMask(NamedTuple):
   keep_indices: Array  # [batch, kept] int32: token positions kept, in shuffled order
@@ -26,7 +31,8 @@ def num_kept(num_tokens: int, mask_ratio: float) -> int:
   """round(N * (1 - mask_ratio)), halves rounded up, at least one token."""
   if not 0.0 <= mask_ratio < 1.0:
     raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-  return max(1, int(math.floor(num_tokens * (1.0 - mask_ratio) + 0.5)))
+  product = round(num_tokens * (1.0 - mask_ratio), _KEPT_PRODUCT_DECIMALS)
+  return max(1, int(math.floor(product + 0.5)))
 
 
 def random_token_mask(rng: Array, batch: int, num_tokens: int, mask_ratio: float) -> TokenMask:

@@ -256,14 +256,16 @@ def sincos_1d(positions: Array, width: int, temperature: float) -> Array:
 def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10000.0) -> Array:
   """Fixed 2-D sin-cos position embedding [grid_h * grid_w, width] (row-major patch order).
 
-  Half the channels encode the row, half the column, as in MAE and FLIP.
+  The first half of the channels encodes the column (x), the second half the row (y), each as
+  [sin, cos]: the layout of MAE's and FLIP's tables, so their checkpoints see the positions they
+  were trained with.
   """
   if width % 4:
     raise ValueError(f"2-D sin-cos embedding width must be divisible by 4, got {width}")
   rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
   emb_h = sincos_1d(rows.reshape(-1), width // 2, temperature)
   emb_w = sincos_1d(cols.reshape(-1), width // 2, temperature)
-  return jnp.concatenate([emb_h, emb_w], axis=1)
+  return jnp.concatenate([emb_w, emb_h], axis=1)
 
 
 def as_dtype(name_or_dtype: Any) -> Dtype:
