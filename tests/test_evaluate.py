@@ -4,7 +4,9 @@ Fake encoders keep most tests to milliseconds of compute; references are float64
 """
 
 import dataclasses
-import math
+import json
+import os
+import pathlib
 from typing import Any, Callable, List
 
 import jax
@@ -14,11 +16,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from flip import checkpoints
 from flip import evaluate
 from flip import partitioning
 
 P = jax.sharding.PartitionSpec
 IMAGE_SIZE = 4
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +329,109 @@ def test_zeroshot_settings_defaults_and_unknown_key():
   config.zeroshot.max_imgs = 3
   with pytest.raises(evaluate.EvalError, match="config.zeroshot.max_imgs"):
     evaluate.zeroshot_settings(config)
+
+
+# --- end to end on a smoke-size FLIP model ------------------------------------------------------
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+EVAL_TEMPLATES = ["a product photo of a {}.", "an item of clothing: {}"]
+NUM_EVAL_IMAGES = 20
+
+
+def read_fashion_mnist_test(directory, count):
+  import gzip  # pylint: disable=g-import-not-at-top
+  with gzip.open(os.path.join(directory, "t10k-images-idx3-ubyte.gz")) as f:
+    images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:count]
+  with gzip.open(os.path.join(directory, "t10k-labels-idx1-ubyte.gz")) as f:
+    labels = np.frombuffer(f.read(), np.uint8, offset=8)[:count]
+  return images, labels
+
+
+def write_demo_test_split(split_dir, images, labels):
+  """The demo's held-out layout: TFRecords of `jpg` + `label`, and classes.json."""
+  os.makedirs(split_dir)
+  with tf.io.TFRecordWriter(os.path.join(split_dir, "test-00000-of-00001.tfrecord")) as writer:
+    for image, label in zip(images, labels):
+      feature = {
+          "jpg": tf.train.Feature(bytes_list=tf.train.BytesList(
+              value=[tf.io.encode_jpeg(image[..., None]).numpy()])),
+          "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                   .SerializeToString())
+  with open(os.path.join(split_dir, "classes.json"), "w") as f:
+    json.dump({"classes": FASHION_CLASSES, "templates": EVAL_TEMPLATES}, f)
+
+
+def smoke_config(demo_dir, **overrides):
+  from flip import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(f"{REPO_ROOT}/configs/cfg_flip_large.py:smoke", [
+      "num_train_steps=1", "log_every_steps=1", "checkpoint_every_steps=1",
+      "eval_every_epochs=0", "laion_path=", f"eval_dataset=demo:{demo_dir}",
+      # data=4 x model=2: parameters sharded over 'model' as in training (the vocabulary padded
+      # to an even size: FLIP's 30523 rows cannot be split in two).
+      "partitioning.num_partitions=2", "partitioning.mesh_shape=(4, 2)",
+      "model.model_txt.vocab_size=30528"])
+  with config.unlocked():
+    config.zeroshot = ml_collections.ConfigDict(dict(
+        templates="templates_short", batch_size=8, canonicalize=False, classnames_file="",
+        retrieval_path="", max_images=0))
+    config.update(overrides)
+  return config
+
+
+def synthetic_train_data(config, shard_index, num_shards, seed):
+  del shard_index, seed
+  rng = np.random.RandomState(0)
+  images = rng.randint(0, 255, (32, config.image_size, config.image_size, 3)).astype(np.uint8)
+  tokens = rng.randint(1, 1000, (32, config.aug.txt.max_len)).astype(np.int32)
+  return tf.data.Dataset.from_tensor_slices({"image": images, "txt": tokens}).repeat().batch(
+      config.batch_size // num_shards, drop_remainder=True)
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory, fashion_mnist_dir):
+  """One training step with the eval hook, on 20 real Fashion-MNIST test images."""
+  from flip import train  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("smoke")
+  images, labels = read_fashion_mnist_test(fashion_mnist_dir, NUM_EVAL_IMAGES)
+  write_demo_test_split(str(root / "demo" / "test"), images, labels)
+  config = smoke_config(root / "demo")
+  workdir = str(root / "workdir")
+  result = train.train_and_evaluate(config, workdir, eval_hooks=evaluate.eval_hooks(config),
+                                    make_dataset=synthetic_train_data)
+  return config, workdir, result
+
+
+def test_training_hook_and_eval_only_agree(trained_smoke, monkeypatch):
+  from flip import tasks  # pylint: disable=g-import-not-at-top
+  config, workdir, result = trained_smoke
+  hook_metrics = {k: v for k, v in result["metrics"].items() if k.startswith("zeroshot/")}
+  assert hook_metrics["zeroshot/demo/num_images"] == NUM_EVAL_IMAGES
+  assert 0.0 <= hook_metrics["zeroshot/demo/top1"] <= hook_metrics["zeroshot/demo/top5"] <= 1.0
+
+  def no_training_data(*args, **kwargs):
+    raise AssertionError("eval_only must not open the training data")
+  monkeypatch.setattr(tasks.FlipTask, "train_dataset", no_training_data)
+  eval_config = smoke_config(config.eval_dataset[len("demo:"):], eval_only=True,
+                             pretrain_dir=os.path.join(workdir, "checkpoint_1"))
+  assert not eval_config.laion_path
+  metrics = evaluate.run_eval_only(eval_config, workdir)
+  assert metrics == pytest.approx(hook_metrics)
+
+
+def test_eval_checkpoint_falls_back_to_latest_in_workdir(trained_smoke, tmp_path):
+  config, workdir, _ = trained_smoke
+  assert evaluate.eval_checkpoint_dir(config, workdir) == os.path.join(workdir, "checkpoint_1")
+  with pytest.raises(checkpoints.CheckpointError) as err:
+    evaluate.eval_checkpoint_dir(config, str(tmp_path / "empty"))
+  assert "\n" not in str(err.value) and str(tmp_path / "empty") in str(err.value)
+
+
+def test_eval_only_missing_checkpoint_is_one_line(tmp_path):
+  missing = str(tmp_path / "no_such_checkpoint")
+  config = smoke_config(tmp_path, eval_only=True, pretrain_dir=missing)
+  with pytest.raises(checkpoints.CheckpointError) as err:
+    evaluate.run_eval_only(config, str(tmp_path / "wd"))
+  assert "\n" not in str(err.value) and missing in str(err.value)
