@@ -207,6 +207,7 @@ class Evaluator:
         in_axis_resources=(params_axes, self._image_spec, self._token_spec, self._vector_spec),
         out_axis_resources=(replicated, replicated, replicated))
     self._p_classify: Dict[int, Any] = {}
+    self._prompt_tokens: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], np.ndarray] = {}
 
   @classmethod
   def from_task(cls, config: ml_collections.ConfigDict, task: Any, partitioner: Any,
@@ -277,8 +278,11 @@ class Evaluator:
   def classifier_weights(self, params: Any, classnames: Sequence[str],
                          templates: Sequence[str]) -> np.ndarray:
     """Zero-shot class weights [D, C]: mean of normalised template embeddings, renormalised."""
-    prompts = class_prompts(classnames, templates, self.canonicalize)
-    tokens = self.tokenize(prompts)
+    key = (tuple(classnames), tuple(templates))
+    if key not in self._prompt_tokens:  # tokenised once; the weights change with the params
+      self._prompt_tokens[key] = self.tokenize(class_prompts(classnames, templates,
+                                                             self.canonicalize))
+    tokens = self._prompt_tokens[key]
     num_templates = len(templates)
     sums = None
     for start, emb in self.encode_texts(params, tokens):
@@ -394,20 +398,24 @@ class EvalSuite:
       self._task_id = id(task)
     return self._evaluator
 
-  def _sources(self):
+  def sources(self):
+    """The classification and caption sources (built once; data problems -> EvalError)."""
     from flip.data import imagenet  # pylint: disable=g-import-not-at-top (tf only when evaluating)
-    if self._classification is None and self.config.get("eval_dataset"):
-      self._classification = imagenet.classification_source(
-          self.config.eval_dataset, self.settings.templates, self.settings.classnames_file,
-          self.settings.max_images)
-    if self._captions is None and self.settings.retrieval_path:
-      self._captions = imagenet.caption_source(self.settings.retrieval_path,
-                                               self.settings.max_images)
+    try:
+      if self._classification is None and self.config.get("eval_dataset"):
+        self._classification = imagenet.classification_source(
+            self.config.eval_dataset, self.settings.templates, self.settings.classnames_file,
+            self.settings.max_images)
+      if self._captions is None and self.settings.retrieval_path:
+        self._captions = imagenet.caption_source(self.settings.retrieval_path,
+                                                 self.settings.max_images)
+    except imagenet.EvalDataError as err:
+      raise EvalError(str(err)) from None
     return self._classification, self._captions
 
   def evaluate(self, task: Any, params: Any) -> Metrics:
     evaluator = self.evaluator(task)
-    classification, captions = self._sources()
+    classification, captions = self.sources()
     metrics: Metrics = {}
     if classification is not None:
       metrics.update(evaluator.zeroshot(params, classification))
@@ -421,9 +429,16 @@ class EvalSuite:
 
 
 def eval_hooks(config: ml_collections.ConfigDict) -> List[Callable[[Any, Any, int], Metrics]]:
-  """The evaluation hooks `flip.train.train_and_evaluate` runs (none if nothing is configured)."""
+  """The evaluation hooks `flip.train.train_and_evaluate` runs (none if nothing is configured).
+
+  The data sources are resolved now, so a missing data set stops the run before training starts
+  (one line: EvalError); `--config.eval_dataset=` turns zero-shot evaluation off.
+  """
   suite = EvalSuite(config)
-  return [suite] if suite.enabled else []
+  if not suite.enabled:
+    return []
+  suite.sources()
+  return [suite]
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
@@ -458,7 +473,8 @@ def run_eval_only(config: ml_collections.ConfigDict, workdir: str, task: Any = N
   """Loads the parameters to evaluate, runs every configured evaluation, prints and returns them.
 
   Never reads `config.laion_path`. Metrics are also written (clu writer) into `workdir` at the
-  checkpoint's step.
+  checkpoint's step. A missing checkpoint raises `checkpoints.CheckpointError`, unusable data
+  `EvalError`; both are one line naming the path or data set.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from flip import train  # pylint: disable=g-import-not-at-top
@@ -467,6 +483,7 @@ def run_eval_only(config: ml_collections.ConfigDict, workdir: str, task: Any = N
   if not suite.enabled:
     raise EvalError("config.eval_only=True but nothing to evaluate: config.eval_dataset and "
                     "config.zeroshot.retrieval_path are both empty")
+  suite.sources()
   task = task or train.build_task(config)
   params = checkpoints.load_pretrained_params(ckpt_dir, params_shapes(task),
                                               posemb_grid=train.task_posemb_grid(task))

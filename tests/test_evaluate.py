@@ -435,3 +435,27 @@ def test_eval_only_missing_checkpoint_is_one_line(tmp_path):
   with pytest.raises(checkpoints.CheckpointError) as err:
     evaluate.run_eval_only(config, str(tmp_path / "wd"))
   assert "\n" not in str(err.value) and missing in str(err.value)
+
+
+def test_canonicalize_option_changes_what_is_tokenized(partitioner):
+  seen = []
+
+  def recording_tokenizer(strings):
+    seen.extend(strings)
+    return np.ones((len(strings), 2), np.int32)
+
+  for canonicalize in (False, True):
+    ev = evaluate.Evaluator(partitioner, lambda p, x: x, lambda p, t: t.astype(jnp.float32),
+                            params_axes={}, tokenize=recording_tokenizer, image_size=IMAGE_SIZE,
+                            batch_size=4, canonicalize=canonicalize)
+    ev.classifier_weights({}, ["Ankle-Boot"], ["A photo of the {}."])
+  assert seen == ["A photo of the Ankle-Boot.", "a photo of the ankleboot"]
+
+
+def test_eval_hooks_fail_early_on_missing_data_and_can_be_off(tmp_path, monkeypatch):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  config = ml_collections.ConfigDict({"eval_dataset": "imagenet2012:5.*.*"})
+  with pytest.raises(evaluate.EvalError) as err:
+    evaluate.eval_hooks(config)
+  assert "\n" not in str(err.value) and "imagenet2012:5.*.*" in str(err.value)
+  assert evaluate.eval_hooks(ml_collections.ConfigDict({"eval_dataset": ""})) == []
