@@ -29,8 +29,8 @@ with the partitioner. Every process pads its shard to the same number of batches
 examples, so the last partial batch is counted once, and the total of valid images is checked
 against the source's count. Prompts are known to every process; they are sharded over data too.
 
-Settings live in `config.zeroshot` (`ZeroShotSettings` lists the keys and defaults); a config without
-that section uses the defaults.
+Settings live in `config.zeroshot` (`ZeroShotSettings` lists the keys and defaults); a config
+without that section uses the defaults.
 """
 
 import dataclasses
@@ -452,7 +452,10 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
 
 
 def eval_checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """`config.pretrain_dir` if set, else the latest complete checkpoint in workdir (one-line error)."""
+  """`config.pretrain_dir` if set, else the latest complete checkpoint in workdir.
+
+  Raises `checkpoints.CheckpointError` (one line naming the path) when there is none.
+  """
   if config.get("pretrain_dir"):
     return checkpoints.find_checkpoint_dir(config.pretrain_dir)
   step = checkpoints.latest_complete_step(workdir)

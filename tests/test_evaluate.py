@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Callable, List
+from typing import Callable, List
 
 import jax
 import jax.numpy as jnp

@@ -10,17 +10,19 @@ Sources (`config.eval_dataset`):
   of images is read from the prepared dataset's metadata, never assumed. Class names: for
   imagenet2012 the CLIP class names in `flip/assets/imagenet_zeroshot.json`; for other tfds
   datasets the `classnames_file` when given, else the names of the tfds `label` feature.
-- "folder:<dir>" or an existing directory (anything else is a tfds name): one sub-folder per class, images inside (jpeg, png,
-  gif, bmp, webp; grey and RGBA images are converted to RGB by the decoder; other files are
-  ignored). Labels follow the sorted sub-folder names. The class-name file is `classnames_file`, or
-  `<dir>/classnames.txt` when that is empty. Two formats: `.txt` has one class name per line, in
-  sorted sub-folder order (exactly one line per sub-folder); `.json` is an object mapping every
-  sub-folder name to its class name.
+- "folder:<dir>" or an existing directory (anything else is a tfds name): one sub-folder per
+  class, images inside (jpeg, png, gif, bmp, webp; grey and RGBA images are converted to RGB by
+  the decoder, alpha dropped; other files are ignored). Labels follow the sorted sub-folder names.
+  The class-name file is `classnames_file`, or `<dir>/classnames.txt` when that is empty. Two
+  formats: `.txt` has one class name per line, in sorted sub-folder order (exactly one line per
+  sub-folder); `.json` is an object mapping every sub-folder name to its class name (or a list in
+  sorted sub-folder order).
 - "demo:<dir>": the demo's held-out Fashion-MNIST split (`flip.data.demo`): TFRecords with `jpg`
-  bytes and `label` int64, plus `classes.json` holding the class names and the demo's own
-  evaluation templates. `<dir>` is that folder or its parent holding it as `test/`.
+  bytes and `label` int64, plus `classes.json` holding the class names (`classes`) and the demo's
+  own evaluation templates (`templates`). `<dir>` is that folder or its parent holding it as `test/`.
 Prompt templates for tfds and image folders are the `templates` key of
-`imagenet_zeroshot.json` (`templates_full`: CLIP's 80, `templates_short`: 7, `templates_none`).
+`imagenet_zeroshot.json` (`templates_full`: CLIP's full set, `templates_short`: CLIP's short set,
+`templates_none`: the bare class name).
 
 Retrieval captions (`config.zeroshot.retrieval_path`): TFRecords in the LAION (img2dataset) layout,
 features `jpg` and `txt`, one caption per image; a directory, a glob pattern or one file.
@@ -33,7 +35,6 @@ order without shuffling, so a shard's content is deterministic.
 """
 
 import dataclasses
-import glob
 import json
 import math
 import os
