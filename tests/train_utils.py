@@ -1,0 +1,241 @@
+"""Shared helpers for the partitioner, training-loop and checkpoint tests.
+
+What lives here: a config smaller than the `:smoke` one (one block per tower, 4 patches, a
+64-token vocabulary) with a learning rate large enough that a few steps move the parameters
+visibly, deterministic in-memory tf.data datasets in the `make_dataset(config, shard, num_shards,
+seed)` form that `flip.train.train_and_evaluate` accepts, readers for the scalars the loop writes
+to its tensorboard event files, tree comparison helpers, and a switch for jax's persistent
+compilation cache.
+
+Why a compilation cache in tests: every `train_and_evaluate` call builds a new `Trainer`, so jax's
+in-memory cache (keyed by function identity) never hits and each run recompiles the same train
+step (10-30 s on 2 cores). The persistent cache is keyed by the lowered program, so a second run of
+the same config loads the executable instead; the executable is the same, so results are too.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import glob
+import os
+import pathlib
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+import tensorflow as tf
+
+from flip import config as config_lib
+from flip import train
+
+tf.config.set_visible_devices([], "GPU")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = f"{REPO_ROOT / 'configs' / 'cfg_flip_large.py'}:smoke"
+
+# Smaller than `:smoke`: 16x16 images with 8x8 patches (4 tokens, 2 kept at mask_ratio 0.5), one
+# transformer block per tower, widths divisible by data=4 and model=2. The base lr of 0.05 per 256
+# (peak 3.1e-3 at batch 16) makes three steps change every parameter well above float32 rounding;
+# the 1600-sample virtual epoch of `:smoke` is kept, so warmup (0.03 epoch) ends after 3 steps
+# and the whole schedule (num_epochs 0.1) after 10 steps.
+TINY_OVERRIDES = (
+    "image_size=16",
+    "model.model_img.hidden_size=32",
+    "model.model_img.transformer.mlp_dim=64",
+    "model.model_img.transformer.num_heads=2",
+    "model.model_img.transformer.num_layers=1",
+    "model.model_txt.hidden_size=32",
+    "model.model_txt.transformer.mlp_dim=64",
+    "model.model_txt.transformer.num_heads=2",
+    "model.model_txt.transformer.num_layers=1",
+    "model.model_txt.vocab_size=64",
+    "aug.txt.max_len=8",
+    "model.clr.proj_dim_out=16",
+    "learning_rate=0.05",
+    "warmup_epochs=0.03",
+    "num_epochs=0.1",
+    "eval_every_epochs=0",
+    "log_every_steps=1",
+)
+BATCH_SIZE = 16  # `:smoke`
+STEPS_PER_EPOCH = 100  # 1600 samples per virtual epoch / 16
+
+# Distinct examples in the synthetic dataset (a multiple of every batch size used).
+NUM_EXAMPLES = 64
+# A caption made only of this token marks a batch a test wants to be non-finite.
+POISON_TOKEN = 63
+
+
+def tiny_config(*overrides: str):
+  """The tiny config with extra `key=value` overrides (applied after TINY_OVERRIDES)."""
+  return config_lib.load_config(SMOKE_CONFIG, list(TINY_OVERRIDES) + list(overrides))
+
+
+def synthetic_examples(config, seed: int = 0) -> Dict[str, np.ndarray]:
+  """NUM_EXAMPLES uint8 images and zero-padded captions of random length (ids 1..vocab-2)."""
+  rng = np.random.RandomState(seed)
+  size, max_len = config.image_size, config.aug.txt.max_len
+  images = rng.randint(0, 256, (NUM_EXAMPLES, size, size, 3)).astype(np.uint8)
+  tokens = rng.randint(1, POISON_TOKEN, (NUM_EXAMPLES, max_len)).astype(np.int32)
+  lengths = rng.randint(2, max_len + 1, NUM_EXAMPLES)
+  tokens[np.arange(max_len)[None, :] >= lengths[:, None]] = 0
+  return {"image": images, "txt": tokens}
+
+
+def make_dataset(config, shard_index: int, num_shards: int, seed: int) -> tf.data.Dataset:
+  """Shuffled (seeded, reshuffled every pass), repeated, batched: checkpointable and deterministic."""
+  local_batch = config.batch_size // num_shards
+  ds = tf.data.Dataset.from_tensor_slices(synthetic_examples(config))
+  ds = ds.shard(num_shards, shard_index)
+  ds = ds.shuffle(NUM_EXAMPLES, seed=seed, reshuffle_each_iteration=True).repeat()
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+def poisoned_dataset_factory(poison_steps: Sequence[int], num_steps: int):
+  """`make_dataset` whose batch for each 1-based step in `poison_steps` is all POISON_TOKEN."""
+  poison = set(poison_steps)
+
+  def make(config, shard_index, num_shards, seed):
+    del seed
+    batches = list(fixed_batches(config, num_steps))
+    for step in poison:
+      batches[step - 1]["txt"] = np.full_like(batches[step - 1]["txt"], POISON_TOKEN)
+    local = config.batch_size // num_shards
+    sl = slice(shard_index * local, (shard_index + 1) * local)
+    stacked = {k: np.stack([b[k][sl] for b in batches]) for k in batches[0]}
+    return tf.data.Dataset.from_tensor_slices(stacked)
+
+  return make
+
+
+def fixed_batches(config, num_steps: int) -> Iterator[Dict[str, np.ndarray]]:
+  """`num_steps` global batches (numpy) in order, cycling through the synthetic examples."""
+  examples = synthetic_examples(config)
+  b = config.batch_size
+  for step in range(num_steps):
+    idx = np.arange(step * b, (step + 1) * b) % NUM_EXAMPLES
+    yield {k: v[idx] for k, v in examples.items()}
+
+
+def logged_scalars(workdir: str, tag: str) -> Dict[int, float]:
+  """{step: value} of one scalar from every tensorboard event file in `workdir` (later files win)."""
+  values = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")),
+                     key=os.path.getmtime):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[int(event.step)] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def flat_tree(tree: Any) -> Dict[str, np.ndarray]:
+  """{"a/b/c": host numpy array} for every leaf of a pytree."""
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+  return {"/".join(_key_name(k) for k in path): np.asarray(v) for path, v in leaves}
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Tuple[float, str]:
+  """Largest |a - b| over all shared leaves, and the leaf where it occurs."""
+  assert set(a) == set(b), set(a) ^ set(b)
+  worst, where = 0.0, ""
+  for key in a:
+    diff = float(np.max(np.abs(a[key].astype(np.float64) - b[key].astype(np.float64)), initial=0))
+    if diff > worst:
+      worst, where = diff, key
+  return worst, where
+
+
+def unequal_leaves(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> List[str]:
+  """Names of the leaves that are not bitwise equal."""
+  assert set(a) == set(b), set(a) ^ set(b)
+  return sorted(k for k in a if not np.array_equal(a[k], b[k]))
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(cache_dir: str):
+  """Enables jax's on-disk compilation cache in `cache_dir`, restoring the settings afterwards."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()  # the cache is set up once per process: re-read the settings
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+# --- trainer-level runs -------------------------------------------------------------------------
+
+def build_trainer(config, progress=None):
+  """A `flip.train.Trainer` exactly as `train_and_evaluate` builds it (nothing compiled yet)."""
+  task = train.build_task(config)
+  partitioner = train.build_partitioner(config.partitioning)
+  return train.Trainer(config, task, partitioner, progress or train.Progress())
+
+
+def place_state(trainer, host_state):
+  """Puts a host copy of a train state on the trainer's mesh with the trainer's shardings.
+
+  The state is rebuilt around the trainer's own optimizer definition (static pytree metadata that
+  must be the very object the trainer's partitioned functions were built with).
+  """
+  host_state = trainer.state_shape.restore_state(host_state.state_dict())
+  mesh = trainer.partitioner.mesh
+  is_spec = lambda x: x is None or isinstance(x, PartitionSpec)
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec or PartitionSpec()),
+                           trainer.state_axes, is_leaf=is_spec)
+  return jax.device_put(host_state, shardings)
+
+
+@dataclasses.dataclass
+class Run:
+  """A few training steps: the host initial state, per-step losses and the final device state."""
+  init_state: Any
+  losses: List[float]
+  state: Any
+
+
+def run_steps(trainer, host_init_state, batches: Sequence[Mapping[str, np.ndarray]]) -> Run:
+  """`trainer.train_step` (partitioned, as the loop calls it) over `batches`."""
+  state = place_state(trainer, host_init_state)
+  losses = []
+  for batch in batches:
+    state, metrics = trainer.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return Run(host_init_state, losses, state)
+
+
+@functools.lru_cache(maxsize=None)
+def single_device_reference(num_steps: int = 3) -> Run:
+  """The tiny config trained with plain `jax.jit` on one device (no mesh, no partitioner).
+
+  The step and init functions are the trainer's own unpartitioned ones, so any difference from a
+  partitioned run comes from partitioning alone. Shared by every test module in a session.
+  """
+  config = tiny_config()
+  trainer = build_trainer(config)
+  device = jax.devices()[0]
+  with jax.default_device(device):
+    state = jax.jit(trainer._init_state)(trainer._init_rng)  # pylint: disable=protected-access
+    host_init = jax.device_get(state)
+    step = jax.jit(trainer._train_step)  # pylint: disable=protected-access
+    losses = []
+    for batch in fixed_batches(config, num_steps):
+      state, metrics = step(state, jax.device_put(batch, device))
+      losses.append(float(metrics["loss"]))
+  return Run(host_init, losses, state)
