@@ -23,12 +23,20 @@ class ConfigError(ValueError):
   """A configuration problem, reported as one line naming the key."""
 
 
+_TRACEBACK_HEADER = "Traceback (most recent call last):"
+
+
 def _flag_error_line(err: BaseException) -> str:
   """The useful last line of an absl/ml_collections parsing error."""
   text = str(err).strip()
   if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
     text = text[1:-1]
-  text = text.replace("\\n", " ").replace("\\'", "'")
+  text = text.replace("\\n", "\n").replace("\\'", "'")
+  if _TRACEBACK_HEADER in text:
+    # ml_collections embeds the config file's whole traceback: keep only its last line.
+    head, trace = text.split(_TRACEBACK_HEADER, 1)
+    lines = [line for line in trace.splitlines() if line.strip()]
+    text = head + (lines[-1] if lines else "")
   return " ".join(text.split())
 
 
@@ -91,11 +99,22 @@ def _make_config_package_importable(argv: Sequence[str]) -> None:
           sys.path.insert(0, root)
 
 
+def _check_config_file_exists(argv: Sequence[str]) -> None:
+  """ml_collections defers a missing config file to the first use of the config: fail now."""
+  for arg in argv:
+    if arg.startswith(f"--{_CONFIG_FLAG}="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found (--{_CONFIG_FLAG}="
+                          f"{arg.split('=', 1)[1]})")
+
+
 def parse_config_flags(argv: Sequence[str],
                        flag_values: flags.FlagValues = flags.FLAGS) -> List[str]:
   """Parses argv into `flag_values` (returning the unparsed arguments, as absl does), turning any
   config problem into a one-line ConfigError."""
   _make_config_package_importable(argv)
+  _check_config_file_exists(argv)
   try:
     return flag_values(list(argv))
   except (AttributeError, KeyError) as err:
