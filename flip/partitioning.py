@@ -33,6 +33,9 @@ FLIP_AXIS_RULES: Tuple[Tuple[str, Optional[str]], ...] = (
     ("_null2", None),
     ("proj", None),
 )
+# gin macros resolve only registered constants (by dotted suffix; import aliases do not apply), so
+# gin files pass the rules as %flip.partitioning.FLIP_AXIS_RULES (or %partitioning.FLIP_AXIS_RULES).
+gin.constant("flip.partitioning.FLIP_AXIS_RULES", FLIP_AXIS_RULES)
 _OPTIMIZER_STATE_PREFIX = "state/param_states/"
 
 
@@ -155,14 +158,19 @@ def make_partitioner(partitioning_config: Any,
   """Builds the partitioner from `config.partitioning` (its keys are constructor arguments).
 
   `partitioner_cls` is gin-bindable through `flip.train` (any t5x partitioner class works; only
-  the keys it accepts are passed, others are refused by name).
+  the keys it accepts are passed; a key it does not accept must be left at FlipPjitPartitioner's
+  default, e.g. partition_states=False for t5x's own PjitPartitioner, and is refused by name
+  otherwise).
   """
   kwargs = dict(partitioning_config)
   if "mesh_shape" in kwargs:
     kwargs["mesh_shape"] = tuple(kwargs["mesh_shape"])
   accepted = inspect.signature(partitioner_cls.__init__).parameters
+  flip_defaults = {name: parameter.default for name, parameter
+                   in inspect.signature(FlipPjitPartitioner.__init__).parameters.items()}
   unknown = [k for k in kwargs if k not in accepted]
-  if unknown:
-    raise ValueError(f"config.partitioning.{unknown[0]} is not an argument of "
-                     f"{partitioner_cls.__name__}")
-  return partitioner_cls(**kwargs)
+  refused = [k for k in unknown if k not in flip_defaults or kwargs[k] != flip_defaults[k]]
+  if refused:
+    raise ValueError(f"config.partitioning.{refused[0]}={kwargs[refused[0]]!r} is not an "
+                     f"argument of {partitioner_cls.__name__}")
+  return partitioner_cls(**{k: v for k, v in kwargs.items() if k in accepted})
