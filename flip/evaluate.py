@@ -20,7 +20,8 @@ t-shirt." -> "a photo of the tshirt". Retrieval captions always get the training
 
 Retrieval (`config.zeroshot.retrieval_path`, a held-out LAION-layout caption set, one caption per
 image): recall@1/5/10 for image->text and text->image, with the same tie rule, under
-`retrieval/<set>/i2t_r1` ... `t2i_r10` and `retrieval/<set>/num_pairs`.
+`retrieval/<set>/i2t_r1` ... `t2i_r10`, `retrieval/<set>/num_pairs` and `num_skipped` (pairs whose
+image could not be decoded).
 
 Sharding. Images, labels and a validity mask are batched over the mesh's data axis exactly like
 training batches (each process reads its shard from `partitioner.get_data_layout`); parameters keep
@@ -359,11 +360,17 @@ class Evaluator:
       img_parts.append(np.asarray(img)[valid])
       txt_parts.append(np.asarray(txt)[valid])
     img_emb, txt_emb = np.concatenate(img_parts), np.concatenate(txt_parts)
-    self._check_count(source, len(img_emb))
+    skipped = source.num_examples - len(img_emb)  # undecodable images (CaptionSource drops them)
+    if skipped < 0 or not len(img_emb):
+      self._check_count(source, len(img_emb))
+    if skipped:
+      logging.warning("retrieval %s: %d of %d images could not be decoded and were skipped",
+                      source.name, skipped, source.num_examples)
     prefix = f"retrieval/{source.name}"
     metrics = {f"{prefix}/{key}": value
                for key, value in retrieval_metrics(img_emb, txt_emb).items()}
     metrics[f"{prefix}/num_pairs"] = float(len(img_emb))
+    metrics[f"{prefix}/num_skipped"] = float(skipped)
     return metrics
 
 
@@ -444,7 +451,7 @@ def eval_hooks(config: ml_collections.ConfigDict) -> List[Callable[[Any, Any, in
 def format_metrics(metrics: Mapping[str, float]) -> str:
   parts = []
   for key, value in sorted(metrics.items()):
-    if key.endswith(("/num_images", "/num_pairs")):
+    if key.endswith(("/num_images", "/num_pairs", "/num_skipped")):
       parts.append(f"{key} {int(value)}")
     else:
       parts.append(f"{key} {100.0 * value:.2f}%")

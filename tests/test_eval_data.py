@@ -153,11 +153,15 @@ def test_caption_source_reads_laion_layout(tmp_path):
       }
       writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
                    .SerializeToString())
+    corrupt = {"jpg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"\xff\xd8junk"])),
+               "txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"broken image"]))}
+    writer.write(tf.train.Example(features=tf.train.Features(feature=corrupt))
+                 .SerializeToString())
   (path.parent / "00000_stats.json").write_text("{}")  # img2dataset writes these beside
   source = imagenet.caption_source(str(path.parent))
-  assert source.num_examples == 4 and source.name == "captions"
+  assert source.num_examples == 5 and source.name == "captions"
   (examples,) = collect(source)
-  assert [ex["caption"].decode() for ex in examples] == captions
+  assert [ex["caption"].decode() for ex in examples] == captions  # the corrupt pair is dropped
   for i, ex in enumerate(examples):
     assert ex["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     assert abs(float(ex["image"].mean()) - 30 * i) < 3

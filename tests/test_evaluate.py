@@ -317,6 +317,7 @@ def test_sharded_retrieval_matches_host_reference(partitioner):
   txt = np_text_embedding(params, tokens)
   reference = evaluate.retrieval_metrics(img, txt)
   assert metrics["retrieval/caps/num_pairs"] == num_pairs
+  assert metrics["retrieval/caps/num_skipped"] == 0
   for key, value in reference.items():
     assert metrics[f"retrieval/caps/{key}"] == pytest.approx(value)
 

@@ -93,7 +93,11 @@ class ClassificationSource:
 
 @dataclasses.dataclass
 class CaptionSource:
-  """Image-caption pairs: `dataset()` yields {"image": uint8 [S, S, 3], "caption": string}."""
+  """Image-caption pairs: `dataset()` yields {"image": uint8 [S, S, 3], "caption": string}.
+
+  Crawled caption sets contain undecodable images: those pairs are dropped (logged by tf.data) and
+  `flip.evaluate` reports how many (`num_examples` counts records, not decodable pairs).
+  """
   name: str
   num_examples: int
   read_encoded: EncodedReader  # (shard_index, num_shards) -> {"image": bytes, "caption": str}
@@ -103,7 +107,8 @@ class CaptionSource:
       return {"image": transforms.eval_transform(example["image"], image_size),
               "caption": example["caption"]}
     return self.read_encoded(shard_index, num_shards).map(
-        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(
+            log_warning=True)
 
 
 # --- class names and templates ------------------------------------------------------------------
