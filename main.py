@@ -76,12 +76,17 @@ def main(argv):
 
   _initialize_distributed()
   # Heavy imports only after the command line has been accepted.
+  from flip import checkpoints  # pylint: disable=g-import-not-at-top
   from flip import evaluate  # pylint: disable=g-import-not-at-top
   from flip import train  # pylint: disable=g-import-not-at-top
-  if config.eval_only:
-    evaluate.run_eval_only(config, _WORKDIR.value)
-  else:
-    train.train_and_evaluate(config, _WORKDIR.value, eval_hooks=evaluate.eval_hooks(config))
+  try:
+    if config.eval_only:
+      evaluate.run_eval_only(config, _WORKDIR.value)
+    else:
+      train.train_and_evaluate(config, _WORKDIR.value, eval_hooks=evaluate.eval_hooks(config))
+  except (checkpoints.CheckpointError, evaluate.EvalError, config_lib.ConfigError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def get_config(arg=None):
   config.aug.area_range = (0.5, 1.0)
   config.aug.aspect_ratio_range = (3.0 / 4.0, 4.0 / 3.0)
   config.aug.flip = True
+  # Evaluation: resize the shorter side to image_size / eval_crop_fraction, centre-crop image_size.
+  # 1.0 is FLIP's (eval_pad = 0) and CLIP/open_clip's zero-shot preprocessing.
+  config.aug.eval_crop_fraction = 1.0
   config.aug.txt = ml_collections.ConfigDict()
   config.aug.txt.tokenizer = "tf_bert"  # tf_bert | sentencepiece | byte
   config.aug.txt.max_len = 32
@@ -72,6 +75,15 @@ def get_config(arg=None):
   config.seed_tf = 0  # FLIP
   config.dtype = "float32"  # ours: compute dtype (bfloat16 for accelerators); params stay float32
   config.max_consecutive_nonfinite = 20  # ours: stop after this many skipped non-finite steps
+
+  # Zero-shot classification and retrieval (ours; flip.evaluate).
+  config.zeroshot = ml_collections.ConfigDict()
+  config.zeroshot.templates = "templates_full"  # key in flip/assets/imagenet_zeroshot.json (CLIP's 80)
+  config.zeroshot.batch_size = 1024  # global; must divide by the data-parallel size
+  config.zeroshot.canonicalize = False  # reported numbers: the training tokenizer only
+  config.zeroshot.classnames_file = ""  # image folders: default <dir>/classnames.txt
+  config.zeroshot.retrieval_path = ""  # held-out LAION-layout caption TFRecords; "" = off
+  config.zeroshot.max_images = 0  # 0 = all
 
   # Partitioning: keys are the partitioner's constructor arguments (flip.partitioning).
   config.partitioning = ml_collections.ConfigDict()
@@ -178,4 +190,6 @@ def apply_arg(config, arg):
   config.num_epochs = s["num_epochs"]
   config.warmup_epochs = s["warmup_epochs"]
   config.log_every_steps = s["log_every_steps"]
+  config.eval_dataset = ""  # smoke runs need no ImageNet
+  config.zeroshot.batch_size = s["batch_size"]
   return config

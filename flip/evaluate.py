@@ -178,10 +178,11 @@ class Evaluator:
 
   def __init__(self, partitioner: Any, encode_image: ImageEncoder, encode_text: TextEncoder,
                params_axes: Any, tokenize: Tokenizer, image_size: int, batch_size: int,
-               canonicalize: bool = False):
+               canonicalize: bool = False, crop_fraction: Optional[float] = None):
     self.partitioner = partitioner
     self.tokenize = tokenize
     self.image_size = image_size
+    self.crop_fraction = crop_fraction
     self.batch_size = batch_size
     self.canonicalize = canonicalize
     data_size = partitioner.data_mesh_size
@@ -217,7 +218,8 @@ class Evaluator:
     return cls(partitioner, task.encode_image, task.encode_text,
                params_axes=params_mesh_axes(task, partitioner),
                tokenize=tokenize or make_tokenizer(config), image_size=task.image_size,
-               batch_size=settings.batch_size, canonicalize=settings.canonicalize)
+               batch_size=settings.batch_size, canonicalize=settings.canonicalize,
+               crop_fraction=config.aug.get("eval_crop_fraction"))
 
   # --- jitted steps ---------------------------------------------------------------------------
   def _text_step(self, params, tokens):
@@ -303,7 +305,8 @@ class Evaluator:
       raise EvalError(f"evaluation data {source.name!r} holds no examples")
     per_shard = int(math.ceil(source.num_examples / layout.num_shards))
     num_batches = int(math.ceil(per_shard / self.local_batch))
-    ds = source.dataset(layout.shard_id, layout.num_shards, self.image_size)
+    crop = {} if self.crop_fraction is None else {"crop_fraction": self.crop_fraction}
+    ds = source.dataset(layout.shard_id, layout.num_shards, self.image_size, **crop)
     ds = ds.map(lambda ex: dict(ex, valid=tf.constant(True)))
     pad_example = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in ds.element_spec.items()}
     pad_example["valid"] = tf.constant(False)

@@ -83,9 +83,10 @@ class ClassificationSource:
   num_examples: int
   read_encoded: EncodedReader  # (shard_index, num_shards) -> {"image": bytes, "label": int}
 
-  def dataset(self, shard_index: int, num_shards: int, image_size: int) -> tf.data.Dataset:
+  def dataset(self, shard_index: int, num_shards: int, image_size: int,
+              crop_fraction: float = transforms.EVAL_CROP_FRACTION) -> tf.data.Dataset:
     def decode(example):
-      return {"image": transforms.eval_transform(example["image"], image_size),
+      return {"image": transforms.eval_transform(example["image"], image_size, crop_fraction),
               "label": tf.cast(example["label"], tf.int32)}
     return self.read_encoded(shard_index, num_shards).map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -102,9 +103,10 @@ class CaptionSource:
   num_examples: int
   read_encoded: EncodedReader  # (shard_index, num_shards) -> {"image": bytes, "caption": str}
 
-  def dataset(self, shard_index: int, num_shards: int, image_size: int) -> tf.data.Dataset:
+  def dataset(self, shard_index: int, num_shards: int, image_size: int,
+              crop_fraction: float = transforms.EVAL_CROP_FRACTION) -> tf.data.Dataset:
     def decode(example):
-      return {"image": transforms.eval_transform(example["image"], image_size),
+      return {"image": transforms.eval_transform(example["image"], image_size, crop_fraction),
               "caption": example["caption"]}
     return self.read_encoded(shard_index, num_shards).map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(

@@ -1,6 +1,7 @@
 """Text transformer (FLIP's text tower): token + learned position embedding, a bidirectional
 pre-norm transformer with a key padding mask, and first-token pooling.
 
+The token table is `vocab_size` rounded up to a multiple of VOCAB_ROW_MULTIPLE rows (see there).
 Padding (id 0) is masked out of every attention, so appending pad tokens never changes the
 features of the real tokens; FLIP's tokenizer adds no [CLS], so the pooled feature is the encoded
 first word (`pool="first"`, FLIP's `txt_avg_token=False`); `pool="avg"` averages the real tokens.
@@ -20,6 +21,14 @@ Array = jax.Array
 PAD_ID = 0
 POOLS = ("first", "avg")
 EMBEDDING_INIT_STDDEV = 0.02
+# The token table gets rows up to a multiple of this, so its `vocab` axis divides evenly over any
+# power-of-two model-parallel size (t5x's rules shard `vocab` over `model`; FLIP's 30523 is odd).
+# Ids >= vocab_size never occur, so the extra rows receive no gradient and only weight decay.
+VOCAB_ROW_MULTIPLE = 128
+
+
+def padded_vocab_rows(vocab_size: int) -> int:
+  return -(-vocab_size // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE
 
 
 class TextTransformer(nn.Module):
@@ -50,7 +59,8 @@ class TextTransformer(nn.Module):
 
     embedding = layers.param_with_axes(
         "token_embedding", nn.initializers.normal(stddev=EMBEDDING_INIT_STDDEV),
-        (self.vocab_size, self.hidden_size), jnp.float32, axes=("vocab", "embed"))
+        (padded_vocab_rows(self.vocab_size), self.hidden_size), jnp.float32,
+        axes=("vocab", "embed"))
     x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
     posemb = layers.param_with_axes(
         "pos_embedding", nn.initializers.normal(stddev=EMBEDDING_INIT_STDDEV),
