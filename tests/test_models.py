@@ -142,7 +142,9 @@ def test_config_output_shapes(name):
   (txt_out,) = variables["intermediates"]["txt_encoder"]["__call__"]
   txt = config.model.model_txt
   assert txt_out["tokens"].shape == (ABSTRACT_BATCH, config.aug.txt.max_len, txt.hidden_size)
-  assert variables["params"]["txt_encoder"]["token_embedding"].shape == (txt.vocab_size,
+  # The token table is padded to whole multiples of VOCAB_ROW_MULTIPLE rows (shards over model).
+  table_rows = math.ceil(txt.vocab_size / text_lib.VOCAB_ROW_MULTIPLE) * text_lib.VOCAB_ROW_MULTIPLE
+  assert variables["params"]["txt_encoder"]["token_embedding"].shape == (table_rows,
                                                                          txt.hidden_size)
   assert variables["params"]["img_proj"]["kernel"].shape == (img.hidden_size, proj)
   assert variables["params"]["txt_proj"]["kernel"].shape == (txt.hidden_size, proj)
