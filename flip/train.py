@@ -8,10 +8,11 @@ optimizer state), the partitioned train step with the state donated, per-step ra
 tensorboard + console), periodic checkpoints with the input iterator beside them, eval hooks, and a
 clean exit on SIGTERM/SIGINT with a final checkpoint.
 
-Numeric faults: a step whose loss or gradient is not finite leaves the state unchanged (the
-update is discarded on device), is counted and logged, and `config.max_consecutive_nonfinite` of
-them in a row stop the run with an error; checkpoints are checked for non-finite values before
-they are written.
+Numeric faults: a step whose loss or gradient is not finite leaves the parameters and optimizer
+state unchanged (the update is discarded on device; only the step counter advances, so the
+state's step, which names checkpoints, stays the loop's step), is counted and logged, and
+`config.max_consecutive_nonfinite` of them in a row stop the run with an error; checkpoints are
+checked for non-finite values before they are written.
 
 Progress is measured in samples, not steps: `samples_seen` is saved with every checkpoint so a run
 resumed with another batch size or `num_epochs` continues its schedule at the right virtual epoch
@@ -106,8 +107,13 @@ class Trainer:
     self.task = task
     self.partitioner = partitioner
     self.accum_steps = config.grad_accum_steps
-    self.tx = optim.make_optimizer(config, start_step=progress.step,
-                                   start_epoch=progress.samples_seen / config.samples_per_epoch)
+    start_step, start_epoch = progress.step, progress.samples_seen / config.samples_per_epoch
+    if progress.samples_seen == progress.step * config.batch_size:
+      # Same batch size all along: the schedule anchored at step 0 is the same function, and
+      # using it keeps a resumed run bitwise equal to an uninterrupted one (an anchor at the
+      # resume step rounds the float32 epoch position differently by one ulp).
+      start_step, start_epoch = 0, 0.0
+    self.tx = optim.make_optimizer(config, start_step=start_step, start_epoch=start_epoch)
     # One optimizer definition: it is static metadata of the train-state pytree, so every state
     # (initialised, restored, partitioned) must share this very object.
     self.optimizer_def = t5x_optimizers.OptaxWrapper(self.tx)
@@ -138,6 +144,7 @@ class Trainer:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.apply_gradient(grads, learning_rate=None)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state = new_state.replace_step(state.step + 1)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    nonfinite=jnp.logical_not(finite).astype(jnp.int32))
     return new_state, metrics
@@ -230,11 +237,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   restore_dir = _restore_dir(config, workdir)
   restore_step = checkpoints.latest_complete_step(restore_dir)
   progress = Progress()
+  # The saved tf.data iterator state holds the whole pipeline, batch size included: restored
+  # into a run with another batch size it would keep yielding the old shape.
+  restore_data_position = True
   if restore_step is not None:
     meta = checkpoints.read_meta(restore_dir, restore_step) or {}
     progress = Progress(step=restore_step,
                         samples_seen=float(meta.get("samples_seen",
                                                     restore_step * config.batch_size)))
+    saved_batch_size = meta.get("batch_size", config.batch_size)
+    if saved_batch_size != config.batch_size:
+      restore_data_position = False
+      logging.warning("config.batch_size changed from %d to %d since the checkpoint: the input "
+                      "pipeline starts afresh (its saved position is for the old batch size)",
+                      saved_batch_size, config.batch_size)
   trainer = Trainer(config, task, partitioner, progress)
   layout = trainer.data_layout
   make_dataset = make_dataset or task.train_dataset
@@ -249,9 +265,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  checkpoints.checkpoint_dir(restore_dir, restore_step), progress.step,
                  progress.samples_seen)
     restorer = checkpointer
-    if restore_dir != workdir:
-      restorer = t5x_checkpoints.Checkpointer(trainer.state_shape, partitioner, restore_dir,
-                                              dataset_iterator=data_iter)
+    if restore_dir != workdir or not restore_data_position:
+      restorer = t5x_checkpoints.Checkpointer(
+          trainer.state_shape, partitioner, restore_dir,
+          dataset_iterator=data_iter if restore_data_position else None)
     state = restorer.restore(path=checkpoints.checkpoint_dir(restore_dir, restore_step))
   else:
     state = trainer.init_state()

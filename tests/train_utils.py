@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import math
 import os
 import pathlib
 from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
@@ -28,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from flip import config as config_lib
+from flip import optim
 from flip import train
 
 tf.config.set_visible_devices([], "GPU")
@@ -119,12 +121,17 @@ def fixed_batches(config, num_steps: int) -> Iterator[Dict[str, np.ndarray]]:
     yield {k: v[idx] for k, v in examples.items()}
 
 
-def logged_scalars(workdir: str, tag: str) -> Dict[int, float]:
-  """{step: value} of one scalar from every tensorboard event file in `workdir` (later files win)."""
+def event_files(workdir: str) -> List[str]:
+  """The tensorboard event files the loop wrote in `workdir`, oldest first (one per run)."""
+  return sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")), key=os.path.getmtime)
+
+
+def logged_scalars(path: str, tag: str) -> Dict[int, float]:
+  """{step: value} of one scalar from an event file, or from every one in a workdir (later win)."""
+  paths = event_files(path) if os.path.isdir(path) else [path]
   values = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")),
-                     key=os.path.getmtime):
-    for event in tf.compat.v1.train.summary_iterator(path):
+  for events in paths:
+    for event in tf.compat.v1.train.summary_iterator(events):
       for value in event.summary.value:
         if value.tag == tag:
           values[int(event.step)] = float(tf.make_ndarray(value.tensor))
@@ -153,6 +160,27 @@ def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Tu
     if diff > worst:
       worst, where = diff, key
   return worst, where
+
+
+# The attention key bias (`qkv_bias[1]`, layout [q|k|v, heads, head_dim]) has an exact gradient
+# of zero: adding one vector to every key shifts all logits of a query by the same constant, which
+# softmax ignores. Computed gradients for it are rounding noise (~1e-10) that Adam normalises to
+# updates of +-lr, so two correct computations of the same step disagree on it by up to lr.
+KEY_BIAS_INDEX = 1
+
+
+def without_key_bias(flat: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """`flat` with the key-bias slice removed from every fused qkv bias."""
+  return {k: np.delete(v, KEY_BIAS_INDEX, axis=0) if k.endswith("/qkv_bias") else v
+          for k, v in flat.items()}
+
+
+def key_biases(flat: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  return {k: v[KEY_BIAS_INDEX] for k, v in flat.items() if k.endswith("/qkv_bias")}
+
+
+def key_name(key: Any) -> str:
+  return _key_name(key)
 
 
 def unequal_leaves(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> List[str]:
@@ -239,3 +267,46 @@ def single_device_reference(num_steps: int = 3) -> Run:
       state, metrics = step(state, jax.device_put(batch, device))
       losses.append(float(metrics["loss"]))
   return Run(host_init, losses, state)
+
+
+# --- the learning rate a step really applied ----------------------------------------------------
+
+def formula_lr(config, epoch: float) -> float:
+  """FLIP's schedule, float64: linear warmup from warmup_abs_lr, half cosine to min_abs_lr."""
+  peak = config.learning_rate * config.batch_size / 256.0
+  if epoch < config.warmup_epochs:
+    return config.warmup_abs_lr + (peak - config.warmup_abs_lr) * epoch / config.warmup_epochs
+  progress = min((epoch - config.warmup_epochs) / (config.num_epochs - config.warmup_epochs), 1.0)
+  return config.min_abs_lr + (peak - config.min_abs_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def applied_adam_lr(params_before, params_after, mu, nu, count: int, b1: float, b2: float,
+                    min_update: float = 0.1) -> float:
+  """The lr of one AdamW step, recovered from non-decayed parameters (biases) in float64.
+
+  For them p_new = p_old - lr * m_hat / (sqrt(v_hat) + eps), with the post-step moments and
+  bias corrections at `count` (the optimizer's step count after the update). Elements with a
+  small normalised update, and the key biases (rounding-noise gradients), are left out.
+  """
+  estimates = []
+  for key in params_before:
+    if not key.endswith("bias") or key.endswith("qkv_bias"):
+      continue
+    m_hat = mu[key].astype(np.float64) / (1 - b1 ** count)
+    v_hat = nu[key].astype(np.float64) / (1 - b2 ** count)
+    update = m_hat / (np.sqrt(v_hat) + optim.ADAMW_EPS)
+    delta = params_after[key].astype(np.float64) - params_before[key].astype(np.float64)
+    keep = np.abs(update) > min_update
+    estimates.append(-delta[keep] / update[keep])
+  return float(np.median(np.concatenate(estimates)))
+
+
+def adam_moments(state):
+  """({param path: mu}, {param path: nu}) of the AdamW state, host numpy."""
+  mu, nu = {}, {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state.param_states))[0]:
+    names = [_key_name(k) for k in path]
+    for moment, out in (("mu", mu), ("nu", nu)):
+      if moment in names:
+        out["/".join(names[names.index(moment) + 1:])] = np.asarray(leaf)
+  return mu, nu
