@@ -9,9 +9,11 @@ What lives here, and only this:
   With `mesh_shape=(data, model)`, or on CPU, the mesh is built explicitly as (data, model) from
   the global device list in process order, so `model` stays inside a process and `data` spans
   processes. On TPU/GPU without `mesh_shape`, t5x's own `default_mesh` is used unchanged.
-- `partition_states` with FLIP's meaning: the optimizer state (Adam moments) of every kernel with
-  two or more axes is additionally sharded over `data` (ZeRO-1 style), on its largest axis that is
-  not already sharded and divides evenly; parameters keep the rules' sharding. (t5x's
+- `partition_states` with FLIP's meaning: the optimizer state (Adam moments) of every parameter
+  with two or more axes (the 2-D kernels, and also the 3-/4-D attention and patch kernels, the
+  token and position tables and the fused q/k/v bias) is additionally sharded over `data`
+  (ZeRO-1 style), on its largest axis that is not already sharded and divides evenly; parameters
+  keep the rules' sharding. (t5x's
   `parameter_partitioning_dims=2` is the further, FSDP-style option that shards parameters too.)
 
 As in FLIP, the keys of `config.partitioning` are this class's constructor arguments.
