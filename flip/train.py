@@ -17,7 +17,8 @@ checked for non-finite values before they are written.
 Progress is measured in samples, not steps: `samples_seen` is saved with every checkpoint so a run
 resumed with another batch size or `num_epochs` continues its schedule at the right virtual epoch
 (flip.optim); the run ends when `num_epochs` worth of samples are seen (or after
-`config.num_train_steps` steps when that is set).
+`config.num_train_steps` steps when that is set). With another batch size the input pipeline
+starts afresh: t5x's saved tf.data iterator state is the old pipeline, old batch size included.
 """
 
 import dataclasses

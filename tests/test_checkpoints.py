@@ -148,6 +148,22 @@ def test_checkpoint_round_trip_restores_every_leaf_with_its_sharding(runs):
     assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
 
 
+def test_resume_dir_is_restored_into_a_new_workdir(runs, tmp_path):
+  """config.resume_dir: continue another run's checkpoint (state and data position), saving here."""
+  config = train_utils.tiny_config(*CHECKPOINT_SETTINGS, f"resume_dir={runs.uninterrupted_dir}",
+                                   f"num_train_steps={TOTAL_STEPS + 1}")
+  out = train.train_and_evaluate(config, str(tmp_path), make_dataset=train_utils.make_dataset)
+  assert out["step"] == TOTAL_STEPS + 1 and int(out["state"].step) == TOTAL_STEPS + 1
+  # Past num_epochs the lr is min_abs_lr = 0: the step leaves the parameters as they were.
+  assert train_utils.logged_scalars(str(tmp_path), "lr") == {TOTAL_STEPS + 1: 0.0}
+  assert train_utils.unequal_leaves(train_utils.flat_tree(out["state"].params),
+                                    train_utils.flat_tree(runs.uninterrupted["state"].params)) == []
+  assert checkpoints.complete_steps(str(tmp_path)) == [TOTAL_STEPS + 1]
+  assert checkpoints.complete_steps(runs.uninterrupted_dir) == [9, 10]
+  meta = checkpoints.read_meta(str(tmp_path), TOTAL_STEPS + 1)
+  assert meta["samples_seen"] == (TOTAL_STEPS + 1) * config.batch_size
+
+
 # --------------------------------------------------------------------------- edges of restore
 
 def test_a_workdir_with_only_step_0_is_restored_by_path(runs, tmp_path):

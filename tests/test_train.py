@@ -118,12 +118,10 @@ def poisoned_compute_grads(original):
   return compute_grads
 
 
-@pytest.fixture(scope="module")
-def poisoned_task():
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(tasks.FlipTask, "compute_grads",
-                  poisoned_compute_grads(tasks.FlipTask.compute_grads))
-    yield
+@pytest.fixture
+def poisoned_task(monkeypatch):
+  monkeypatch.setattr(tasks.FlipTask, "compute_grads",
+                      poisoned_compute_grads(tasks.FlipTask.compute_grads))
 
 
 def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged(poisoned_task, reference):
