@@ -4,7 +4,9 @@ What lives here: a config smaller than the `:smoke` one (one block per tower, 4 
 64-token vocabulary) with a learning rate large enough that a few steps move the parameters
 visibly, deterministic in-memory tf.data datasets in the `make_dataset(config, shard, num_shards,
 seed)` form that `flip.train.train_and_evaluate` accepts, readers for the scalars the loop writes
-to its tensorboard event files, tree comparison helpers, and a switch for jax's persistent
+to its tensorboard event files, tree comparison helpers, trainer-level step runs with the
+single-device plain-jit reference they are compared with, the float64 schedule formula and the lr
+a step really applied (recovered from AdamW's update), and a switch for jax's persistent
 compilation cache.
 
 Why a compilation cache in tests: every `train_and_evaluate` call builds a new `Trainer`, so jax's
