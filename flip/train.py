@@ -348,7 +348,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         })
         scalars.update({f"data/skipped/{k}": v for k, v in skipped_now.items()})
         writer.write_scalars(step, scalars)
-        logging.info("%s", _format_console(step, last_step, scalars))
         print(_format_console(step, last_step, scalars), flush=True)
         last_scalars = scalars
         if consecutive_nonfinite >= config.max_consecutive_nonfinite:
