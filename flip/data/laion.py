@@ -122,6 +122,9 @@ TAR_GNU_LONGNAME_TYPE = ord("L")
 DEFAULT_SHUFFLE_BUFFER = 10_000  # encoded examples per host (checkpoint size: x mean record size)
 DEFAULT_CYCLE_LENGTH = 16  # files read in parallel per host
 DEFAULT_READ_CHUNK_BYTES = 256 * 1024  # amortises tf.data's per-element cost over many records
+# Host batches made ahead of the train step. A fixed small number rather than AUTOTUNE: prefetched
+# batches are part of every saved iterator state (~batch x S x S x 3 bytes each).
+PREFETCH_BATCHES = 2
 FOREVER_EPOCHS = 2**62  # "repeat forever" as a finite range (checkpointable like any range)
 PROBE_THREADS = 32  # parallel size probes at start-up (network filesystems)
 # Captions tokenized per call: amortises tensorflow-text's per-call cost (1.5x the examples/s of
@@ -1042,5 +1045,5 @@ def make_train_dataset(config: ml_collections.ConfigDict, shard_index: int, num_
             "skipped": {name: last[reason] for name, reason in zip(SKIP_REASON_NAMES,
                                                                    SKIP_REASONS)}}
 
-  ds = ds.map(_graph(to_contract)).prefetch(AUTOTUNE)
+  ds = ds.map(_graph(to_contract)).prefetch(PREFETCH_BATCHES)
   return ds.with_options(_checkpointable_options())

@@ -71,11 +71,13 @@ class BertUncasedVocabulary(seqio.Vocabulary):
       if token not in self._token_to_id:
         raise ValueError(f"BERT vocabulary {self._vocab_path} has no {token} entry")
     self._tokenizer = None
+    self._encode_fn = None
     super().__init__(extra_ids=0)
 
   def __getstate__(self):
     state = self.__dict__.copy()
     state["_tokenizer"] = None  # holds a TF lookup table; rebuilt lazily after unpickling
+    state["_encode_fn"] = None
     return state
 
   def __eq__(self, other):
@@ -118,14 +120,22 @@ class BertUncasedVocabulary(seqio.Vocabulary):
   def _base_vocab_size(self) -> int:
     return len(self._tokens)
 
-  def encode_batch_tf(self, strings: tf.Tensor) -> tf.RaggedTensor:
-    """int32 ids of a rank-1 string tensor as a RaggedTensor [N, None]."""
+  def _encode_batch(self, strings: tf.Tensor) -> tf.RaggedTensor:
     pieces = self.tokenizer.tokenize(strings).merge_dims(-2, -1)  # [N, words, pieces] -> [N, ids]
     ids = tf.cast(pieces, tf.int32)
     if self._cls_token:
       cls = tf.fill([ids.nrows(), 1], tf.constant(self.bos_id, tf.int32))
       ids = tf.concat([cls, ids], axis=1)
     return ids
+
+  def encode_batch_tf(self, strings: tf.Tensor) -> tf.RaggedTensor:
+    """int32 ids of a rank-1 string tensor as a RaggedTensor [N, None]."""
+    if self._encode_fn is None:
+      # Traced once per vocabulary: building tensorflow-text's graph is slow, and every input
+      # pipeline and evaluator calls this.
+      self._encode_fn = tf.function(self._encode_batch, autograph=False,
+                                    input_signature=[tf.TensorSpec([None], tf.string)])
+    return self._encode_fn(strings)
 
   def _encode_tf(self, s: tf.Tensor) -> Union[tf.Tensor, tf.RaggedTensor]:
     s = tf.convert_to_tensor(s, tf.string)
