@@ -69,16 +69,17 @@ def main(argv):
   except config_lib.ConfigError as err:
     config_lib.exit_on_config_error(err)
 
+  # Heavy imports only after the command line has been accepted, and before gin is parsed and
+  # locked (the modules register gin configurables when imported).
   import gin  # pylint: disable=g-import-not-at-top
+  from flip import checkpoints  # pylint: disable=g-import-not-at-top
+  from flip import evaluate  # pylint: disable=g-import-not-at-top
+  from flip import train  # pylint: disable=g-import-not-at-top
   for path in _GIN_SEARCH_PATHS.value:
     gin.add_config_file_search_path(path)
   gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value, finalize_config=True)
 
   _initialize_distributed()
-  # Heavy imports only after the command line has been accepted.
-  from flip import checkpoints  # pylint: disable=g-import-not-at-top
-  from flip import evaluate  # pylint: disable=g-import-not-at-top
-  from flip import train  # pylint: disable=g-import-not-at-top
   try:
     if config.eval_only:
       evaluate.run_eval_only(config, _WORKDIR.value)
