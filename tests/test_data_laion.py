@@ -100,6 +100,7 @@ def test_yields_exactly_the_valid_examples_and_counts_skips(shards, vocab):
   assert fmt in FORMATS
 
 
+@pytest.mark.slow  # every other test already reads with 777-byte chunks (frames straddle them)
 def test_chunk_size_does_not_change_the_stream(shards):
   _, directory, _ = shards
 
@@ -192,6 +193,7 @@ def test_resume_from_saved_iterator_is_exact(tmp_path, fmt, stop_after):
       map(tuple, rows[valid_per_epoch:2 * valid_per_epoch]))
 
 
+@pytest.mark.slow  # ~12 s: three mixture pipelines; single-source resume is tested by default
 def test_resume_of_a_mixture_is_exact(tmp_path):
   build(tmp_path / "a", "tfrecord", num=12, defects={}, truncate_shard=None, salt=1)
   build(tmp_path / "b", "webdataset", num=12, defects={2: "empty_caption"}, truncate_shard=None,
@@ -307,7 +309,6 @@ def test_no_valid_example_raises_instead_of_hanging(tmp_path):
   few = tmp_path / "few"
   build(few, "webdataset", num=2, num_shards=1, defects={}, truncate_shard=None)
   config = make_config(str(few), batch_size=8)
-  assert next(iter(laion.make_train_dataset(config, 1, 8, seed=0)))["image"].shape[0] == 1
   with pytest.raises(tf.errors.InvalidArgumentError, match="shard 5 of 8: epoch"):
     next(iter(laion.make_train_dataset(config, 5, 8, seed=0)))
 
