@@ -48,8 +48,21 @@ fashion-mnist:
 	  fi; \
 	fi
 
+# The demo runs FLIP's three command lines on the demo config: masked pretraining (zero-shot at the
+# end), unmasked tuning from that checkpoint, and eval_only on the tuned model.
+DEMO_TUNE_ARGS ?= --config.model.model_img.mask_ratio=0.0 --config.learning_rate=1e-4 \
+	--config.num_epochs=0.25 --config.warmup_epochs=0.05
 demo: install fashion-mnist
-	$(PY) -m flip.demo --fashion_mnist_dir=$(FASHION_MNIST) --data_dir=$(DEMO_DATA) --workdir=$(DEMO_WORKDIR)
+	$(PY) -m flip.data.demo --fashion_mnist_dir=$(FASHION_MNIST) --out_dir=$(DEMO_DATA)
+	rm -rf $(DEMO_WORKDIR)
+	@echo "== masked pretraining (mask ratio 0.5), zero-shot at the end"
+	$(PY) main.py --workdir=$(DEMO_WORKDIR)/pretrain --config=configs/cfg_demo.py
+	@echo "== unmasked tuning from the pretrained checkpoint"
+	$(PY) main.py --workdir=$(DEMO_WORKDIR)/tune --config=configs/cfg_demo.py \
+	  --config.pretrain_dir=$(DEMO_WORKDIR)/pretrain $(DEMO_TUNE_ARGS)
+	@echo "== zero-shot evaluation of the tuned model (eval_only)"
+	$(PY) main.py --workdir=$(DEMO_WORKDIR)/eval --config=configs/cfg_demo.py \
+	  --config.pretrain_dir=$(DEMO_WORKDIR)/tune --config.eval_only=True
 
 bench: install
 	$(PY) bench/run_all.py

@@ -20,6 +20,11 @@ def get_config(arg=None):
   # Data.
   config.eval_dataset = "imagenet2012:5.*.*"  # tfds name (FLIP); or an image folder / "demo:<dir>"
   config.laion_path = ""  # img2dataset tfrecord/webdataset dir, pattern, or comma-separated list
+  config.laion_rates = ""  # ours: mixture rates, one per laion_path entry ("" = by file count)
+  config.laion_filter = ""  # ours: e.g. "similarity>=0.28,NSFW!=NSFW" on img2dataset's columns
+  config.shuffle_buffer_size = 10000  # ours: encoded examples per host (saved with the iterator)
+  config.laion_cycle_length = 16  # ours: files read in parallel per host
+  config.laion_read_chunk_bytes = 262144  # ours: read size; records are cut out of chunks
   config.image_size = 224  # FLIP
   config.samples_per_epoch = IMAGENET_TRAIN_SAMPLES  # FLIP: epochs are virtual ImageNet epochs
 

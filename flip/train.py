@@ -308,8 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       scalars.update(hook(task, state, step))
     if scalars:
       writer.write_scalars(step, scalars)
-      logging.info("eval at step %d: %s", step, scalars)
-    return scalars
+      shown = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(scalars.items()))
+      print(f"eval at step {step}: {shown}", flush=True)
+    return {k: float(v) for k, v in scalars.items()}
 
   watcher = PreemptionWatcher()
   pending_metrics, consecutive_nonfinite, nonfinite_total = [], 0, 0
