@@ -434,8 +434,10 @@ class EvalSuite:
     return metrics
 
   def __call__(self, task: Any, state: Any, step: int) -> Metrics:
-    del step
-    return self.evaluate(task, state.params)
+    metrics = self.evaluate(task, state.params)
+    if jax.process_index() == 0:
+      print(f"eval at step {step}: {format_metrics(metrics)}", flush=True)
+    return metrics
 
 
 def eval_hooks(config: ml_collections.ConfigDict) -> List[Callable[[Any, Any, int], Metrics]]:

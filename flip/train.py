@@ -306,10 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     scalars = {}
     for hook in eval_hooks:
       scalars.update(hook(task, state, step))
-    if scalars:
+    if scalars:  # the hooks print their own results
       writer.write_scalars(step, scalars)
-      shown = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(scalars.items()))
-      print(f"eval at step {step}: {shown}", flush=True)
     return {k: float(v) for k, v in scalars.items()}
 
   watcher = PreemptionWatcher()
