@@ -16,6 +16,8 @@ IMAGENET_TRAIN_SAMPLES = 1281167  # one "virtual ImageNet epoch" (FLIP)
 
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
+  # ours: the task (flip.tasks): flip | mae | linprobe | finetune (MAE family: docs/MAE.md)
+  config.task = "flip"
 
   # Data.
   config.eval_dataset = "imagenet2012:5.*.*"  # tfds name (FLIP); or an image folder / "demo:<dir>"

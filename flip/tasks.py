@@ -3,7 +3,17 @@
 A task owns its model, the layout of a batch (keys, dtypes, logical axes), variable
 initialisation, and the gradient computation for one optimizer step; the loop owns everything else
 (partitioning, optimizer, checkpoints, data, metrics). FLIP's contrastive task lives here; the MAE
-family plugs in the same way.
+family (`flip.mae_tasks`) plugs in the same way and is registered by name in `LAZY_TASKS`. A run's
+task is `config.task` (or the gin binding `train.build_task.task_name`).
+
+The contract: `image_size`, `batch_logical_axes()`, `train_dataset(config, shard, num_shards,
+seed)`, `init_variables(rng)` and `compute_grads(params, batch, rng, accum_steps) -> (loss,
+metrics, grads)`. Optional, each used by the loop when present: `make_optimizer(config,
+start_step, start_epoch)` (a task's own optax chain, e.g. frozen parameters or layer-wise lr
+decay); `uses_flax_mutables = True` with `compute_grads(..., flax_mutables=...) -> (loss, metrics,
+grads, new_mutables)` (BatchNorm statistics, kept in the train state's `flax_mutables`);
+`load_pretrained_params(pretrain_dir, params_shapes)` returning the subset of parameters to load
+from `config.pretrain_dir`; `eval_hooks(workdir)` returning the task's own evaluation hooks.
 
 Gradient accumulation for a contrastive loss. Summing micro-batch gradients of per-micro-batch
 losses would change the objective (fewer negatives per example). `FlipTask` instead computes the
@@ -16,6 +26,7 @@ once for the whole batch, so every example is masked identically either way; wit
 path (zero in FLIP's configs) the micro-batches draw different random numbers than the full batch.
 """
 
+import importlib
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import flax
@@ -23,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flip import config as config_lib
 from flip import losses
 from flip import masking
 from flip.models import flip as flip_model_lib
@@ -171,11 +183,22 @@ def flip_model_from_config(config: Any) -> flip_model_lib.FlipModel:
   return flip_model_lib.flip_model_from_config(config)
 
 
+DEFAULT_TASK = "flip"
 TASKS: Dict[str, Callable[[Any], Any]] = {"flip": FlipTask}
+# Tasks defined in other modules, imported on first use ("module:attribute").
+LAZY_TASKS: Dict[str, str] = {
+    "mae": "flip.mae_tasks:MaeTask",
+    "linprobe": "flip.mae_tasks:LinearProbeTask",
+    "finetune": "flip.mae_tasks:FinetuneTask",
+}
 
 
-def get_task(config: Any, name: str = "flip"):
-  """The task registered under `name` (gin-bindable through flip.train)."""
+def get_task(config: Any, name: str = DEFAULT_TASK):
+  """The task registered under `name` (`config.task`, or gin through flip.train)."""
+  if name not in TASKS and name in LAZY_TASKS:
+    module_name, attribute = LAZY_TASKS[name].split(":")
+    TASKS[name] = getattr(importlib.import_module(module_name), attribute)
   if name not in TASKS:
-    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+    raise config_lib.ConfigError(
+        f"unknown task {name!r} (config.task); known: {sorted(set(TASKS) | set(LAZY_TASKS))}")
   return TASKS[name](config)

@@ -6,13 +6,32 @@ init or restore (workdir / `config.resume_dir`, else `config.pretrain_dir` param
 optimizer state), the partitioned train step with the state donated, per-step randomness from
 (seed, step) so a run is reproducible and a resumed run is identical, metrics (clu writers:
 tensorboard + console), periodic checkpoints with the input iterator beside them, eval hooks, and a
-clean exit on SIGTERM/SIGINT with a final checkpoint.
+clean exit on SIGTERM/SIGINT with a final checkpoint (in a multi-process run the processes agree
+on the step to stop at; `train_and_evaluate` reports the signal, main.py exits with 128 + signal).
 
-Numeric faults: a step whose loss or gradient is not finite leaves the parameters and optimizer
-state unchanged (the update is discarded on device; only the step counter advances, so the
-state's step, which names checkpoints, stays the loop's step), is counted and logged, and
-`config.max_consecutive_nonfinite` of them in a row stop the run with an error; checkpoints are
-checked for non-finite values before they are written.
+Checks before any compute, each a one-line `flip.config.ConfigError`: the workdir is writable,
+the partitioner's mesh fits the devices, the batch divides over the data-parallel size, the
+training data can be listed (the task's dataset is built before anything is compiled), and
+`config.pretrain_dir` fits the model (shapes checked against `jax.eval_shape` of the init).
+
+Numeric faults: a step whose loss, gradient or updated state is not finite leaves the parameters
+and optimizer state unchanged (the update is discarded on device; only the step counter advances,
+so the state's step, which names checkpoints, stays the loop's step), is counted and logged, and
+`config.max_consecutive_nonfinite` of them in a row stop the run with `NonFiniteError`. The
+learning-rate schedule is indexed by the train state's step: every optax schedule counter
+(`ScaleByScheduleState`) is set to it before the update and advances on skipped steps too, so the
+lr applied on device is the logged one after skipped steps (Adam's own count, which drives its
+bias correction, counts only the updates its moments have seen). Before a checkpoint is written
+the whole state (parameters, optimizer moments, mutables) is checked for non-finite values.
+
+Crashes: a checkpoint becomes visible only when complete (flip.checkpoints), so a run killed at
+any point resumes from the last complete one; the tensorboard events are flushed before every
+checkpoint, so every logged step up to it is on disk. A checkpoint that cannot be written (disk
+full, permissions) stops the run with `flip.checkpoints.CheckpointWriteError`; the previous ones
+are intact. A checkpoint whose input-iterator state is not for this run's data layout (written by
+a run with another number of processes) restores the train state and restarts the input pipeline,
+as a changed batch size does; a restarted pipeline is seeded with `config.seed_tf + step`, so it
+does not replay the first batches the run already saw.
 
 Progress is measured in samples, not steps: `samples_seen` is saved with every checkpoint so a run
 resumed with another batch size or `num_epochs` continues its schedule at the right virtual epoch
@@ -30,6 +49,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 from absl import logging
 from clu import metric_writers
 import flax
+from flax import traverse_util
 from flax.linen import partitioning as nn_partitioning
 import gin
 import jax
@@ -42,6 +62,7 @@ from t5x import optimizers as t5x_optimizers
 from t5x import train_state as t5x_train_state
 
 from flip import checkpoints
+from flip import config as config_lib
 from flip import optim
 from flip import partitioning
 from flip import tasks as tasks_lib
@@ -65,6 +86,7 @@ class PreemptionWatcher:
 
   def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
     self.requested = False
+    self.signal_number: Optional[int] = None
     self._previous = {}
     for sig in signals:
       try:
@@ -76,6 +98,22 @@ class PreemptionWatcher:
     del frame
     logging.warning("signal %d received: checkpointing and stopping after this step", signum)
     self.requested = True
+    self.signal_number = self.signal_number or signum
+
+  def stop_agreed(self) -> bool:
+    """Whether any process was asked to stop. Every process calls this once per step, so all of
+    them leave the loop after the same step (a process that stopped alone would wait forever in
+    the checkpoint's collective writes)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    signals = multihost_utils.process_allgather(np.int32(self.signal_number or 0))
+    received = [int(s) for s in np.ravel(signals) if s]
+    if received and not self.requested:
+      self.requested, self.signal_number = True, received[0]
+      logging.warning("another process received signal %d: checkpointing and stopping",
+                      received[0])
+    return bool(received)
 
   def restore(self):
     for sig, handler in self._previous.items():
@@ -90,8 +128,46 @@ def build_partitioner(partitioning_config: Any,
 
 
 @gin.configurable(denylist=["config"])
-def build_task(config: Any, task_name: str = "flip"):
-  return tasks_lib.get_task(config, task_name)
+def build_task(config: Any, task_name: Optional[str] = None):
+  """The task named by the gin binding `train.build_task.task_name` or else by `config.task`
+  (default "flip"); a binding that disagrees with `config.task` is refused."""
+  configured = config.get("task")
+  if task_name is not None and configured is not None and task_name != configured:
+    raise config_lib.ConfigError(
+        f"gin binds train.build_task.task_name={task_name!r} but config.task={configured!r}")
+  return tasks_lib.get_task(config, task_name or configured or tasks_lib.DEFAULT_TASK)
+
+
+def _is_schedule_state(node: Any) -> bool:
+  return isinstance(node, optax.ScaleByScheduleState)
+
+
+def index_schedules_by_step(state):
+  """`state` with every optax schedule counter set to the train state's step."""
+
+  def index(node):
+    if _is_schedule_state(node):
+      return optax.ScaleByScheduleState(count=jnp.asarray(state.step, node.count.dtype))
+    return node
+
+  return jax.tree.map(index, state, is_leaf=_is_schedule_state)
+
+
+def _all_finite(tree) -> jax.Array:
+  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _discard_update_unless(finite, new_state, old_state):
+  """`new_state` if `finite`, else `old_state`; schedule counters advance either way."""
+
+  def pick(new, old):
+    if _is_schedule_state(new):
+      return new
+    return jnp.where(finite, new, old)
+
+  return jax.tree.map(pick, new_state, old_state, is_leaf=_is_schedule_state)
 
 
 def _batch_mesh_axes(task, partitioner) -> Dict[str, Any]:
@@ -114,7 +190,9 @@ class Trainer:
       # using it keeps a resumed run bitwise equal to an uninterrupted one (an anchor at the
       # resume step rounds the float32 epoch position differently by one ulp).
       start_step, start_epoch = 0, 0.0
-    self.tx = optim.make_optimizer(config, start_step=start_step, start_epoch=start_epoch)
+    # A task may build its own chain (frozen parameters, per-parameter lr multipliers).
+    make_optimizer = getattr(task, "make_optimizer", optim.make_optimizer)
+    self.tx = make_optimizer(config, start_step=start_step, start_epoch=start_epoch)
     # One optimizer definition: it is static metadata of the train-state pytree, so every state
     # (initialised, restored, partitioned) must share this very object.
     self.optimizer_def = t5x_optimizers.OptaxWrapper(self.tx)
@@ -140,11 +218,18 @@ class Trainer:
   def _train_step(self, state, batch):
     base = jax.random.PRNGKey(self.config.seed_jax)
     rng = jax.random.fold_in(jax.random.fold_in(base, 1), state.step)
-    loss, metrics, grads = self.task.compute_grads(state.params, batch, rng, self.accum_steps)
+    if getattr(self.task, "uses_flax_mutables", False):
+      # Tasks with non-parameter collections (BatchNorm statistics) update them every step.
+      loss, metrics, grads, mutables = self.task.compute_grads(
+          state.params, batch, rng, self.accum_steps, flax_mutables=state.flax_mutables)
+    else:
+      loss, metrics, grads = self.task.compute_grads(state.params, batch, rng, self.accum_steps)
+      mutables = state.flax_mutables
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradient(grads, learning_rate=None)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    state = index_schedules_by_step(state)
+    new_state = state.apply_gradient(grads, learning_rate=None, flax_mutables=mutables)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_state)
+    new_state = _discard_update_unless(finite, new_state, state)
     new_state = new_state.replace_step(state.step + 1)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    nonfinite=jnp.logical_not(finite).astype(jnp.int32))
@@ -171,6 +256,26 @@ class Trainer:
         out_axis_resources=self.state_axes, donate_argnums=(0,))
     return p_replace(state, params)
 
+  def merge_params(self, state, partial_params):
+    """Like `replace_params` for a subset of the parameters (e.g. a pretrained encoder under a
+    fresh head): the keys of `partial_params` are replaced, every other parameter is kept."""
+    flat_new = traverse_util.flatten_dict(flax.core.unfreeze(partial_params), sep="/")
+    flat_axes = traverse_util.flatten_dict(flax.core.unfreeze(self.state_axes.params), sep="/")
+    unknown = sorted(set(flat_new) - set(flat_axes))
+    if unknown:
+      raise checkpoints.CheckpointError(f"pretrained parameters the model does not have: "
+                                        f"{', '.join(unknown[:3])}")
+
+    def merge(s, new):
+      flat = traverse_util.flatten_dict(flax.core.unfreeze(s.params), sep="/")
+      flat.update(new)
+      return s.replace_params(flax.core.freeze(traverse_util.unflatten_dict(flat, sep="/")))
+
+    p_merge = self.partitioner.partition(
+        merge, in_axis_resources=(self.state_axes, {k: flat_axes[k] for k in flat_new}),
+        out_axis_resources=self.state_axes, donate_argnums=(0,))
+    return p_merge(state, flat_new)
+
 
 def total_samples(config) -> float:
   return float(config.num_epochs) * float(config.samples_per_epoch)
@@ -193,6 +298,33 @@ def _restore_dir(config, workdir: str) -> str:
   if config.resume_dir and checkpoints.latest_complete_step(config.resume_dir) is not None:
     return config.resume_dir
   return workdir
+
+
+def _checked_partitioner(config):
+  """The partitioner, with its mesh built and the batch checked against it, or a ConfigError."""
+  try:
+    partitioner = build_partitioner(config.partitioning)
+    mesh = partitioner.mesh
+  except ValueError as err:
+    raise config_lib.ConfigError(str(err)) from None
+  data_size = partitioner.data_mesh_size
+  if config.batch_size % data_size:
+    raise config_lib.ConfigError(
+        f"config.batch_size {config.batch_size} is not divisible by the data-parallel size "
+        f"{data_size} (mesh {dict(mesh.shape)} on {len(jax.devices())} devices)")
+  return partitioner
+
+
+def _load_pretrained(config, task, trainer):
+  """`config.pretrain_dir`'s parameters fitted to the model (no compute), or a ConfigError."""
+  try:
+    if hasattr(task, "load_pretrained_params"):
+      # The task picks what to load (e.g. only the image encoder, under a fresh head).
+      return task.load_pretrained_params(config.pretrain_dir, trainer.state_shape.params)
+    return checkpoints.load_pretrained_params(
+        config.pretrain_dir, trainer.state_shape.params, posemb_grid=task_posemb_grid(task))
+  except checkpoints.CheckpointError as err:
+    raise config_lib.ConfigError(f"config.pretrain_dir: {err}") from None
 
 
 def _host_metrics(metrics_list: Sequence[Mapping[str, Any]]) -> Dict[str, float]:
@@ -231,10 +363,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tf.config.set_visible_devices([], "GPU")
 
   task = build_task(config)
-  partitioner = build_partitioner(config.partitioning)
-  if config.batch_size % partitioner.data_mesh_size:
-    raise ValueError(f"config.batch_size {config.batch_size} is not divisible by the data-parallel "
-                     f"size {partitioner.data_mesh_size}")
+  if hasattr(task, "eval_hooks"):  # a task's own evaluations, built (and checked) before training
+    eval_hooks = list(eval_hooks) + list(task.eval_hooks(workdir))
+  try:
+    checkpoints.check_writable(workdir)
+  except checkpoints.CheckpointWriteError as err:
+    raise config_lib.ConfigError(f"--workdir: {err}") from None
+  partitioner = _checked_partitioner(config)
+  checkpoints.remove_incomplete(workdir)
   restore_dir = _restore_dir(config, workdir)
   restore_step = checkpoints.latest_complete_step(restore_dir)
   progress = Progress()
@@ -252,10 +388,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.warning("config.batch_size changed from %d to %d since the checkpoint: the input "
                       "pipeline starts afresh (its saved position is for the old batch size)",
                       saved_batch_size, config.batch_size)
-  trainer = Trainer(config, task, partitioner, progress)
-  layout = trainer.data_layout
+  layout = partitioner.get_data_layout(config.batch_size)
+  if restore_step is not None and restore_data_position and not checkpoints.has_iterator_state(
+      checkpoints.checkpoint_dir(restore_dir, restore_step), layout.shard_id, layout.num_shards):
+    restore_data_position = False
+    logging.warning(
+        "the checkpoint holds input-iterator states %s, none for data shard %d of %d (it was "
+        "written by a run with another number of processes): the train state is restored and "
+        "the input pipeline starts afresh", checkpoints.iterator_state_names(
+            checkpoints.checkpoint_dir(restore_dir, restore_step)),
+        layout.shard_id, layout.num_shards)
+  data_seed = config.seed_tf
+  if restore_step is not None and not restore_data_position:
+    data_seed = config.seed_tf + restore_step  # a fresh order, not a replay of the first batches
   make_dataset = make_dataset or task.train_dataset
-  dataset = make_dataset(config, layout.shard_id, layout.num_shards, config.seed_tf)
+  try:
+    dataset = make_dataset(config, layout.shard_id, layout.num_shards, data_seed)
+  except ValueError as err:  # the data the config names cannot be found or read
+    raise config_lib.ConfigError(f"training data: {err}") from None
+  trainer = Trainer(config, task, partitioner, progress)
+  pretrained = None
+  if restore_step is None and config.pretrain_dir:
+    pretrained = _load_pretrained(config, task, trainer)  # checked before anything is compiled
   data_iter = iter(dataset)
   checkpointer = t5x_checkpoints.Checkpointer(
       trainer.state_shape, partitioner, workdir, dataset_iterator=data_iter,
@@ -273,10 +427,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = restorer.restore(path=checkpoints.checkpoint_dir(restore_dir, restore_step))
   else:
     state = trainer.init_state()
-    if config.pretrain_dir:
-      params = checkpoints.load_pretrained_params(
-          config.pretrain_dir, trainer.state_shape.params, posemb_grid=task_posemb_grid(task))
-      state = trainer.replace_params(state, params)
+    if pretrained is not None and hasattr(task, "load_pretrained_params"):
+      state = trainer.merge_params(state, pretrained)
+      logging.info("loaded pretrained parameters from %s", config.pretrain_dir)
+    elif pretrained is not None:
+      state = trainer.replace_params(state, pretrained)
       logging.info("loaded pretrained parameters from %s", config.pretrain_dir)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -293,13 +448,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log_every = max(1, int(config.log_every_steps))
 
   def save(state, step_progress: Progress):
-    if checkpoints.latest_complete_step(workdir) == int(step_progress.step):
+    step_now = int(step_progress.step)
+    if checkpoints.latest_complete_step(workdir) == step_now:
       return
-    checkpoints.check_finite(state.params, f"step {step_progress.step}")
-    checkpoints.write_meta(workdir, int(step_progress.step), {
-        "step": int(step_progress.step), "samples_seen": step_progress.samples_seen,
-        "batch_size": config.batch_size, "config": config.to_json_best_effort()})
-    checkpointer.save(state)
+    checkpoints.check_finite(state.state_dict(), f"step {step_now}")
+    writer.flush()  # the events of every step up to this checkpoint are on disk before it is
+    try:
+      checkpoints.write_meta(workdir, step_now, {
+          "step": step_now, "samples_seen": step_progress.samples_seen,
+          "batch_size": config.batch_size, "num_processes": jax.process_count(),
+          "data_shards": layout.num_shards, "config": config.to_json_best_effort()})
+      checkpointer.save(state)
+    except Exception as err:  # pylint: disable=broad-except (OSError, tf and tensorstore errors)
+      checkpoints.remove_incomplete(workdir, step_now)
+      latest = checkpoints.latest_complete_step(workdir)
+      previous = ("no earlier checkpoint" if latest is None else
+                  f"the last complete checkpoint {checkpoints.checkpoint_dir(workdir, latest)} "
+                  "is intact")
+      raise checkpoints.CheckpointWriteError(
+          f"could not write the checkpoint of step {step_now} to {workdir}: "
+          f"{checkpoints.describe_write_error(err)}; {previous}") from err
     checkpoints.prune_meta(workdir)
 
   def run_evals(state, step) -> Dict[str, float]:
@@ -318,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.time()
   skipped_now: Dict[str, float] = {}
   try:
-    while step < last_step and not watcher.requested:
+    while step < last_step and not watcher.stop_agreed():
       batch = dict(next(data_iter))
       skipped_now = {k: float(np.asarray(v)) for k, v in batch.pop("skipped", {}).items()}
       batch = {k: np.asarray(v) for k, v in batch.items()}
@@ -351,7 +519,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_scalars = scalars
         if consecutive_nonfinite >= config.max_consecutive_nonfinite:
           raise NonFiniteError(
-              f"{consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+              f"{consecutive_nonfinite} consecutive steps had a non-finite loss, gradient or "
+              "update "
               f"(limit config.max_consecutive_nonfinite={config.max_consecutive_nonfinite}); "
               f"last good checkpoint: {checkpoints.latest_complete_step(workdir)}")
 
@@ -365,10 +534,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     watcher.restore()
     writer.flush()
+  preempted = watcher.requested and step < last_step
   logging.info("stopped at step %d after %.1f s%s", step, time.time() - t_start,
-               " (preempted)" if watcher.requested else "")
-  return {"step": step, "state": state, "metrics": last_scalars, "preempted": watcher.requested,
-          "workdir": workdir}
+               " (preempted)" if preempted else "")
+  return {"step": step, "state": state, "metrics": last_scalars, "preempted": preempted,
+          "signal": watcher.signal_number if preempted else None, "workdir": workdir}
 
 
 def lr_at(config, progress: Progress) -> float:
