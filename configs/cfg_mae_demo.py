@@ -1,0 +1,50 @@
+"""The MAE demo: pretraining on the Fashion-MNIST demo images (`make demo-mae`), 2 CPU cores.
+
+Same keys as cfg_mae_base, shrunk: 28 px images in 4 px patches (7 x 7 = 49, 12 kept at MAE's mask
+ratio 0.75), a 4-block encoder of width 128, a 2-block decoder of width 64. The images are those
+of `flip.data.demo` (the captions are ignored); a virtual epoch is one pass over its 60,000
+training images. `cfg_linprobe_demo.py` and `cfg_finetune_demo.py` probe and fine-tune the result
+(their encoder keys come from `DEMO_ENCODER` here).
+"""
+
+from configs import cfg_mae_base
+from configs import default
+
+DEMO_DATA = "demo:data/demo"
+DEMO_SAMPLES = 60000  # Fashion-MNIST train split
+DEMO_CLASSES = 10
+DEMO_ENCODER = dict(patch=4, width=128, depth=4, heads=4)
+DEMO_IMAGE_SIZE = 28
+
+
+def demo_data_and_encoder(config):
+  """The demo's data keys and encoder size on any MAE-family config."""
+  config.data.train = DEMO_DATA
+  config.data.eval = DEMO_DATA
+  config.data.num_classes = DEMO_CLASSES
+  config.data.eval_batch_size = 1000
+  config.samples_per_epoch = DEMO_SAMPLES
+  config.image_size = DEMO_IMAGE_SIZE
+  default.set_img_tower(config, patch=DEMO_ENCODER["patch"], width=DEMO_ENCODER["width"],
+                        depth=DEMO_ENCODER["depth"], heads=DEMO_ENCODER["heads"])
+  config.aug.eval_crop_fraction = 1.0  # the images are already centred 28 px crops
+  config.keep_checkpoints = 1
+  return config
+
+
+def get_config(arg=None):
+  config = demo_data_and_encoder(cfg_mae_base.get_mae_config("base"))
+  config.model.decoder.hidden_size = 64
+  config.model.decoder.mlp_dim = 256
+  config.model.decoder.num_layers = 2
+  config.model.decoder.num_heads = 4
+  config.aug.area_range = (0.5, 1.0)  # small images: milder crops than MAE's (0.2, 1)
+  config.batch_size = 256
+  config.learning_rate = 1e-3  # per 256: a small model from scratch tolerates a large lr
+  config.warmup_epochs = 0.5
+  config.num_epochs = 4.0
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 0
+  config.save_every_epochs = 2.0
+  config.eval_every_epochs = 0.0  # reconstruction grid once, at the end
+  return cfg_mae_base.apply_image_arg(config, arg)
