@@ -5,10 +5,12 @@ tokenize, skip counting, batching) on the embedded demo set (Fashion-MNIST in im
 TFRecord layout, built if missing) for the demo config's image size and for 224 px, where the
 resize dominates, and optionally on the same data re-packed as webdataset tars. It prints one line
 per setting and the ratios to the first one; absolute numbers depend on the machine (printed too).
-The train step's consumption for the same config is measured elsewhere (same config, same batch).
+Then it times the partitioned train step of the demo config itself (same batch, synthetic
+uint8 batches already on the host, state donated, all local devices) and prints the pipeline's
+images/s over the step's: the margin by which one host's input keeps its step fed (goal >= 3x).
 
 Usage: python bench/input_pipeline.py [--image_sizes 28 224] [--formats tfrecord webdataset]
-                                      [--batch_size 256] [--batches 20] [--warmup 3]
+                                      [--batch_size 256] [--batches 20] [--warmup 3] [--steps 10]
 """
 
 import argparse
@@ -42,6 +44,7 @@ def parse_args():
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--batches", type=int, default=20, help="timed batches per setting")
   parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+  parser.add_argument("--steps", type=int, default=10, help="timed train steps (0 = skip)")
   return parser.parse_args()
 
 
@@ -80,6 +83,28 @@ def pipeline_images_per_second(config, batches: int, warmup: int) -> float:
   return batches * config.batch_size / (time.perf_counter() - start)
 
 
+def train_step_images_per_second(config, steps: int) -> float:
+  """Images/s the partitioned train step of `config` consumes (after one compiling step)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flip import train  # pylint: disable=g-import-not-at-top
+  task = train.build_task(config)
+  partitioner = train.build_partitioner(config.partitioning)
+  trainer = train.Trainer(config, task, partitioner, train.Progress())
+  state = trainer.init_state()
+  layout = trainer.data_layout
+  rng = np.random.RandomState(0)
+  batch = {k: rng.randint(1, 255, v.shape).astype(v.dtype)
+           for k, v in task.batch_spec(config.batch_size // layout.num_shards).items()}
+  state, metrics = trainer.train_step(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = trainer.train_step(state, batch)
+  jax.block_until_ready(metrics)
+  return steps * config.batch_size / (time.perf_counter() - start)
+
+
 def main():
   args = parse_args()
   paths = demo.build_demo(args.fashion_mnist_dir, args.data_dir)
@@ -100,6 +125,14 @@ def main():
       rate = pipeline_images_per_second(config, args.batches, args.warmup)
       reference = reference or rate
       print(f"{fmt:<11} {image_size:>5} {rate:>9.0f} {rate / reference:>6.2f}")
+  if args.steps > 0:
+    config = cfg_demo.get_config()
+    config.batch_size = args.batch_size
+    step_rate = train_step_images_per_second(config, args.steps)
+    print(f"train step of cfg_demo ({config.image_size} px, mask ratio "
+          f"{config.model.model_img.mask_ratio}): {step_rate:.0f} images/s; "
+          f"pipeline / step ({args.formats[0]}, {args.image_sizes[0]} px): "
+          f"{reference / step_rate:.1f}x")
 
 
 if __name__ == "__main__":
