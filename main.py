@@ -8,6 +8,16 @@ rules, task). Configuration problems are refused before any compute with one lin
 Multi-process runs (several hosts, or several processes on one machine for testing) pass
 `--coordinator_address`, `--num_processes` and `--process_id` (or rely on the cluster's
 auto-detection on TPU/SLURM), which calls `jax.distributed.initialize`.
+
+Exit status (what a job scheduler or a retry loop sees; docs/RELIABILITY.md):
+  0    finished (num_epochs / num_train_steps reached, or eval_only done);
+  1    a runtime failure reported in one line: a checkpoint that cannot be read or written (disk
+       full, permissions: the previous checkpoint is intact), evaluation data that cannot be used;
+  2    refused before any compute, one line naming the problem: a config key or value, the
+       workdir, the mesh against the devices, the training data, `pretrain_dir`;
+  3    numeric divergence: too many consecutive non-finite steps, or a non-finite state refused
+       at checkpoint time (the last good checkpoint is named);
+  128 + N  stopped by signal N (SIGTERM 143, SIGINT 130) after writing a final checkpoint.
 """
 
 import os
@@ -19,6 +29,11 @@ from absl import logging
 from ml_collections import config_flags
 
 from flip import config as config_lib
+
+EXIT_RUNTIME_ERROR = 1
+EXIT_CONFIG_ERROR = 2  # flip.config.exit_on_config_error
+EXIT_NONFINITE = 3
+EXIT_SIGNAL_BASE = 128  # the shell's convention for "terminated by signal N"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and tensorboard events.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/…py).",
@@ -83,11 +98,21 @@ def main(argv):
   try:
     if config.eval_only:
       evaluate.run_eval_only(config, _WORKDIR.value)
-    else:
-      train.train_and_evaluate(config, _WORKDIR.value, eval_hooks=evaluate.eval_hooks(config))
-  except (checkpoints.CheckpointError, evaluate.EvalError, config_lib.ConfigError) as err:
+      return
+    result = train.train_and_evaluate(config, _WORKDIR.value,
+                                      eval_hooks=evaluate.eval_hooks(config))
+  except config_lib.ConfigError as err:
+    config_lib.exit_on_config_error(err)
+  except FloatingPointError as err:  # train.NonFiniteError, or a non-finite state not saved
     print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(EXIT_NONFINITE)
+  except (checkpoints.CheckpointError, checkpoints.CheckpointWriteError, evaluate.EvalError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(EXIT_RUNTIME_ERROR)
+  if result["preempted"]:
+    print(f"stopped by signal {result['signal']} at step {result['step']} after writing its "
+          f"checkpoint; exit status {EXIT_SIGNAL_BASE + result['signal']}", file=sys.stderr)
+    sys.exit(EXIT_SIGNAL_BASE + result["signal"])
 
 
 if __name__ == "__main__":

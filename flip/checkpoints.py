@@ -19,12 +19,33 @@ What this module adds:
   evaluation; the structure is checked against the model, naming missing, unexpected and
   mis-shaped keys; position embeddings are resized when the image size or patch grid changed
   (recomputed for sin-cos, which is not a parameter; learned ones are interpolated bilinearly).
-- `check_finite`: no non-finite value is ever written into a checkpoint.
+- `check_finite`: no non-finite value is ever written into a checkpoint. It checks every floating
+  leaf of whatever it is given (the loop passes the whole train state: parameters, optimizer
+  moments, flax mutables), on device for jax arrays, so arrays sharded over processes need no
+  host gather.
+- Crash safety around t5x's save. `remove_incomplete` deletes the `checkpoint_<step>.tmp-*`
+  directories that killed or failed saves leave behind (restore never reads them; they only take
+  space). `check_writable` probes a workdir before any compute. A save that fails (disk full,
+  permissions) is reported as `CheckpointWriteError`, one line naming the step, the directory and
+  the OS error, after removing its own temporary directory; the previous checkpoints are untouched
+  because t5x prunes old checkpoints only after the new one is renamed into place.
+- The input-iterator state per data shard: t5x names it `train_ds-<shard>-of-<num_shards>` (one
+  per data-parallel process group). `has_iterator_state` tells the loop whether a checkpoint holds
+  the state for the current layout; when it does not (a checkpoint from a run with another number
+  of processes), the loop restores the train state and restarts the input pipeline (flip.train).
+
+Restoring never unpickles: the `checkpoint` file is msgpack (flax.serialization, whose only
+extension types are arrays and complex numbers), arrays are tensorstore (zarr chunks + JSON
+metadata), the iterator state is a TensorFlow checkpoint (protobuf + tensor bundle) and the
+sidecar is JSON. tests/test_reliability.py restores under an audit hook that fails on
+`pickle.find_class`, the event every unpickling of code goes through.
 """
 
 import json
 import os
 import re
+import shutil
+import uuid
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
@@ -37,11 +58,21 @@ import numpy as np
 from t5x import checkpoints as t5x_checkpoints
 
 _CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
+# t5x's temporary directory of a save in progress: checkpoint_<step>.tmp-<timestamp>.
+_TMP_CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)\.tmp-\d+$")
 META_DIR = "flip_meta"
+# t5x's name of the tf.data iterator state inside a checkpoint: train_ds-<shard>-of-<num_shards>.
+ITERATOR_STATE_PREFIX = "train_ds"
+# tf.train.Checkpoint writes <prefix>.index (and data files); the index is written last.
+TF_CHECKPOINT_INDEX_SUFFIX = ".index"
 
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be used, reported in one line naming the path or keys."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint (or a workdir probe) that could not be written, in one line."""
 
 
 def checkpoint_dir(workdir: str, step: int) -> str:
@@ -66,6 +97,82 @@ def latest_complete_step(workdir: str) -> Optional[int]:
   return steps[-1] if steps else None
 
 
+def incomplete_dirs(workdir: str, step: Optional[int] = None) -> List[str]:
+  """t5x temporary directories (`checkpoint_<step>.tmp-<time>`) in workdir, of `step` if given."""
+  path = epath.Path(workdir)
+  if not path.exists():
+    return []
+  found = []
+  for child in path.iterdir():
+    match = _TMP_CHECKPOINT_DIR_RE.match(child.name)
+    if match and (step is None or int(match.group(1)) == step):
+      found.append(str(child))
+  return sorted(found)
+
+
+def remove_incomplete(workdir: str, step: Optional[int] = None) -> List[str]:
+  """Deletes the temporary directories of killed or failed saves (process 0 only); returns them.
+
+  Call it only when no save is running on `workdir` (at start-up, or after a failed save).
+  """
+  if jax.process_index() != 0:
+    return []
+  removed = incomplete_dirs(workdir, step)
+  for path in removed:
+    logging.warning("removing the incomplete checkpoint directory %s (a killed or failed save)",
+                    path)
+    shutil.rmtree(path, ignore_errors=True)
+  return removed
+
+
+def check_writable(workdir: str) -> None:
+  """Creates workdir if needed and writes + deletes a probe file, or raises CheckpointWriteError."""
+  probe = os.path.join(workdir, f".write_probe-{jax.process_index()}-{uuid.uuid4().hex}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"probe")
+    os.remove(probe)
+  except OSError as err:
+    raise CheckpointWriteError(
+        f"workdir {workdir} is not writable: {_os_error_text(err)}") from None
+
+
+def _os_error_text(err: BaseException) -> str:
+  """`[Errno 28] No space left on device` style text, without paths, in one line."""
+  if isinstance(err, OSError) and err.errno:
+    return f"[Errno {err.errno}] {os.strerror(err.errno)}"
+  text = " ".join(str(err).split())
+  return text or type(err).__name__
+
+
+def describe_write_error(err: BaseException) -> str:
+  """One line for an exception raised while writing a checkpoint (OSError, tf or tensorstore)."""
+  text = _os_error_text(err)
+  if isinstance(err, OSError) and err.errno:
+    return text
+  return f"{type(err).__name__}: {text}" if not text.startswith(type(err).__name__) else text
+
+
+def iterator_state_name(shard_id: int, num_shards: int) -> str:
+  """t5x's name of a data shard's iterator state (`train_ds-000-of-002`)."""
+  return f"{ITERATOR_STATE_PREFIX}-{shard_id:03}-of-{num_shards:03}"
+
+
+def iterator_state_names(ckpt_dir: str) -> List[str]:
+  """The iterator states saved in a checkpoint directory, e.g. ["train_ds-000-of-002", ...]."""
+  path = epath.Path(ckpt_dir)
+  if not path.exists():
+    return []
+  return sorted(child.name[:-len(TF_CHECKPOINT_INDEX_SUFFIX)] for child in path.iterdir()
+                if child.name.startswith(ITERATOR_STATE_PREFIX + "-")
+                and child.name.endswith(TF_CHECKPOINT_INDEX_SUFFIX))
+
+
+def has_iterator_state(ckpt_dir: str, shard_id: int, num_shards: int) -> bool:
+  return iterator_state_name(shard_id, num_shards) in iterator_state_names(ckpt_dir)
+
+
 def meta_path(workdir: str, step: int) -> str:
   return os.path.join(workdir, META_DIR, f"step_{step}.json")
 
@@ -78,7 +185,7 @@ def write_meta(workdir: str, step: int, meta: Mapping[str, Any]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(dict(meta), indent=1, sort_keys=True, default=str))
-  tmp.rename(path)
+  tmp.replace(path)  # overwrites the sidecar a failed save of the same step left
 
 
 def read_meta(workdir: str, step: int) -> Optional[Dict[str, Any]]:
@@ -102,14 +209,56 @@ def prune_meta(workdir: str) -> None:
       child.unlink()
 
 
+def _leaf_name(path: Tuple[Any, ...]) -> str:
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def nonfinite_leaves(tree: Any) -> List[str]:
+  """Names ("a/b/kernel") of the floating leaves of a pytree that hold a NaN or an Inf.
+
+  jax arrays are checked on their devices (one jitted reduction per leaf, results replicated),
+  so sharded and multi-process arrays are never gathered to one host. In a multi-process run
+  every process must call this together, like any computation on global arrays.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  device_names, device_leaves, bad = [], [], []
+  for path, leaf in leaves:
+    if isinstance(leaf, jax.Array):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        device_names.append(_leaf_name(path))
+        device_leaves.append(leaf)
+      continue
+    array = np.asarray(leaf)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+      bad.append(_leaf_name(path))
+  if device_leaves:
+    finite = _all_finite_per_leaf(device_leaves)
+    bad += [name for name, ok in zip(device_names, finite) if not bool(np.asarray(ok))]
+  return sorted(bad)
+
+
+@jax.jit
+def _all_finite_per_leaf(leaves: List[jax.Array]) -> List[jax.Array]:
+  return [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
+
+
 def check_finite(tree: Any, what: str) -> None:
-  """Raises if any floating leaf holds NaN/Inf (before it could be written to disk)."""
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/") if isinstance(
-      tree, Mapping) else {"": tree}
-  for key, value in flat.items():
-    arr = np.asarray(jax.device_get(value)) if not isinstance(value, np.ndarray) else value
-    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-      raise FloatingPointError(f"refusing to checkpoint {what}: {key} holds non-finite values")
+  """Raises FloatingPointError naming the first non-finite leaf (before it is written to disk)."""
+  if isinstance(tree, Mapping):
+    tree = flax.core.unfreeze(tree)
+  bad = nonfinite_leaves(tree)
+  if bad:
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    raise FloatingPointError(f"refusing to checkpoint {what}: {bad[0]}{more} holds non-finite "
+                             "values")
 
 
 # --- pretrained parameters ----------------------------------------------------------------------

@@ -19,9 +19,10 @@ and optimizer state unchanged (the update is discarded on device; only the step 
 so the state's step, which names checkpoints, stays the loop's step), is counted and logged, and
 `config.max_consecutive_nonfinite` of them in a row stop the run with `NonFiniteError`. The
 learning-rate schedule is indexed by the train state's step: every optax schedule counter
-(`ScaleByScheduleState`) is set to it before the update and advances on skipped steps too, so the
-lr applied on device is the logged one after skipped steps (Adam's own count, which drives its
-bias correction, counts only the updates its moments have seen). Before a checkpoint is written
+(`ScaleByScheduleState`) is set to it before each update, so the lr applied on device is the
+logged one after skipped steps, while a skipped step still leaves the whole optimizer state
+bitwise unchanged (Adam's own count, which drives its bias correction, counts only the updates
+its moments have seen). Before a checkpoint is written
 the whole state (parameters, optimizer moments, mutables) is checked for non-finite values.
 
 Crashes: a checkpoint becomes visible only when complete (flip.checkpoints), so a run killed at
@@ -159,17 +160,6 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
-def _discard_update_unless(finite, new_state, old_state):
-  """`new_state` if `finite`, else `old_state`; schedule counters advance either way."""
-
-  def pick(new, old):
-    if _is_schedule_state(new):
-      return new
-    return jnp.where(finite, new, old)
-
-  return jax.tree.map(pick, new_state, old_state, is_leaf=_is_schedule_state)
-
-
 def _batch_mesh_axes(task, partitioner) -> Dict[str, Any]:
   return {k: nn_partitioning.logical_to_mesh_axes(v, partitioner.logical_axis_rules)
           for k, v in task.batch_logical_axes().items()}
@@ -229,7 +219,7 @@ class Trainer:
     state = index_schedules_by_step(state)
     new_state = state.apply_gradient(grads, learning_rate=None, flax_mutables=mutables)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_state)
-    new_state = _discard_update_unless(finite, new_state, state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state = new_state.replace_step(state.step + 1)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    nonfinite=jnp.logical_not(finite).astype(jnp.int32))
@@ -306,7 +296,8 @@ def _checked_partitioner(config):
     partitioner = build_partitioner(config.partitioning)
     mesh = partitioner.mesh
   except ValueError as err:
-    raise config_lib.ConfigError(str(err)) from None
+    # gin appends "In call to configurable ..." lines to exceptions raised under it.
+    raise config_lib.ConfigError(str(err).splitlines()[0]) from None
   data_size = partitioner.data_mesh_size
   if config.batch_size % data_size:
     raise config_lib.ConfigError(
@@ -365,12 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   task = build_task(config)
   if hasattr(task, "eval_hooks"):  # a task's own evaluations, built (and checked) before training
     eval_hooks = list(eval_hooks) + list(task.eval_hooks(workdir))
-  try:
-    checkpoints.check_writable(workdir)
-  except checkpoints.CheckpointWriteError as err:
-    raise config_lib.ConfigError(f"--workdir: {err}") from None
   partitioner = _checked_partitioner(config)
-  checkpoints.remove_incomplete(workdir)
   restore_dir = _restore_dir(config, workdir)
   restore_step = checkpoints.latest_complete_step(restore_dir)
   progress = Progress()
@@ -406,6 +392,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     dataset = make_dataset(config, layout.shard_id, layout.num_shards, data_seed)
   except ValueError as err:  # the data the config names cannot be found or read
     raise config_lib.ConfigError(f"training data: {err}") from None
+  try:
+    checkpoints.check_writable(workdir)
+  except checkpoints.CheckpointWriteError as err:
+    raise config_lib.ConfigError(f"--workdir: {err}") from None
+  checkpoints.remove_incomplete(workdir)
   trainer = Trainer(config, task, partitioner, progress)
   pretrained = None
   if restore_step is None and config.pretrain_dir:
