@@ -9,6 +9,11 @@ Model presets (all through FLIP's config keys, so the code under test is the tra
 - `demo`: configs/cfg_demo.py unchanged (batch 256, 28 px, patch 4, img 128x4, txt 128x2).
 - `tiny`: the `:smoke` size of configs/default.py (for the tests' smoke runs).
 
+Compilation: the train step of the 18-layer side-by-side model takes minutes to compile on a
+loaded 2-core machine, and several scripts compile the very same step, so the scripts share JAX's
+persistent compilation cache (`FLIP_BENCH_CACHE_DIR`, default ~/.cache/flip_bench/jax; "" turns
+it off). A cached executable is the same program, so timings are unaffected.
+
 Timing: every comparison runs its variants one after another in rounds (A, B, C, A, B, C, ...),
 each step timed on its own after a compiling warm-up, and reports the median step time per
 variant, so a burst of load from other processes on the shared machine hits all variants alike.
@@ -19,7 +24,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -29,6 +34,12 @@ import numpy as np
 
 from configs import cfg_demo
 from configs import default
+
+CACHE_DIR = os.environ.get("FLIP_BENCH_CACHE_DIR",
+                           os.path.join(os.path.expanduser("~"), ".cache", "flip_bench", "jax"))
+if CACHE_DIR:
+  jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 # The side-by-side model (issue 13 / docs/BENCHMARKS.md); numbers are the benchmark's definition.
 SBS_MODEL = dict(image_size=112, patch=16, img_width=384, img_depth=12, img_heads=6,
@@ -57,17 +68,18 @@ def side_by_side_config(mask_ratio: float = 0.0):
   return config
 
 
-def preset_config(name: str, mask_ratio: float = 0.0):
-  """The config of a model preset with the given image mask ratio."""
+def preset_config(name: str, mask_ratio: Optional[float] = None):
+  """The config of a model preset with the given image mask ratio (None: the preset's own)."""
   if name == "sbs":
-    return side_by_side_config(mask_ratio)
+    return side_by_side_config(0.0 if mask_ratio is None else mask_ratio)
   if name == "demo":
     config = cfg_demo.get_config()
   elif name == "tiny":
     config = default.get_config("smoke")
   else:
     raise ValueError(f"--model must be one of {MODEL_PRESETS}, got {name!r}")
-  config.model.model_img.mask_ratio = mask_ratio
+  if mask_ratio is not None:
+    config.model.model_img.mask_ratio = mask_ratio
   return config
 
 
@@ -99,11 +111,16 @@ def print_header(title: str) -> None:
 
 
 def time_alternating(step_fns: Dict[str, Callable[[], Any]], rounds: int,
-                     steps_per_round: int, warmup: int = 1) -> Dict[str, List[float]]:
-  """Seconds per call of each zero-argument function, run in alternating rounds.
+                     steps_per_round: int, warmup: int = 1,
+                     cpu_times: Optional[Dict[str, List[float]]] = None
+                     ) -> Dict[str, List[float]]:
+  """Wall seconds per call of each zero-argument function, run in alternating rounds.
 
   Each function must block until its work is done. `warmup` untimed calls of each come first
-  (compilation), in the same order.
+  (compilation), in the same order. When `cpu_times` is given, the process CPU seconds of each
+  call are appended to `cpu_times[name]` too: on a machine shared with other jobs, CPU time
+  counts only this process's work (threads spinning while they wait included), so its ratios are
+  a second, load-independent reading next to the wall-clock ones.
   """
   for fn in step_fns.values():
     for _ in range(warmup):
@@ -112,9 +129,11 @@ def time_alternating(step_fns: Dict[str, Callable[[], Any]], rounds: int,
   for _ in range(rounds):
     for name, fn in step_fns.items():
       for _ in range(steps_per_round):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         times[name].append(time.perf_counter() - start)
+        if cpu_times is not None:
+          cpu_times.setdefault(name, []).append(time.process_time() - start_cpu)
   return times
 
 

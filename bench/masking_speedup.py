@@ -4,7 +4,8 @@ Times the real partitioned train step (`flip.train.Trainer`, AdamW, contrastive 
 donated) of one model at several mask ratios, alternating between the ratios in rounds on one
 shared train state, and prints per ratio: kept image tokens, step FLOPs (`flip.flops`, fwd+bwd =
 3x forward matmul FLOPs), median step time, images/s, measured speedup over ratio 0, the FLOP
-ratio, and measured / FLOP ratio (goal >= 0.95 at every ratio).
+ratio, and measured / FLOP ratio (goal >= 0.95 at every ratio); the same speedup from process
+CPU time is printed beside it (robust to other jobs on a shared machine).
 
 Usage: python bench/masking_speedup.py [--model sbs|demo|tiny] [--ratios 0 0.5 0.75 0.9]
                                        [--rounds 3] [--steps 2]
@@ -56,11 +57,15 @@ def run(args) -> dict:
       holder["state"] = runner.step(holder["state"])
     return fn
 
+  cpu = {}
   times = bench_utils.time_alternating({r: step_fn(runners[r]) for r in args.ratios},
-                                       rounds=args.rounds, steps_per_round=args.steps)
+                                       rounds=args.rounds, steps_per_round=args.steps,
+                                       cpu_times=cpu)
   base_time = bench_utils.median(times[0.0])
+  base_cpu = bench_utils.median(cpu[0.0])
   print(f"{'mask':>5} {'tokens':>6} {'GFLOP/step':>10} {'step (median, min-max)':>26} "
-        f"{'img/s':>7} {'speedup':>7} {'FLOP ratio':>10} {'measured/FLOP':>13} goal")
+        f"{'img/s':>7} {'speedup':>7} {'FLOP ratio':>10} {'measured/FLOP':>13} goal "
+        f"{'cpu-time speedup':>16} {'cpu/FLOP':>8}")
   results = {}
   for ratio in args.ratios:
     step_time = bench_utils.median(times[ratio])
@@ -68,12 +73,14 @@ def run(args) -> dict:
     flop_ratio = flops.flop_ratio(dims, batch, ratio)
     fraction = speedup / flop_ratio
     met = "yes" if fraction >= GOAL_FRACTION_OF_FLOP_RATIO or ratio == 0.0 else "no"
+    cpu_speedup = base_cpu / bench_utils.median(cpu[ratio])
     results[ratio] = dict(step_time=step_time, speedup=speedup, flop_ratio=flop_ratio,
-                          fraction=fraction)
+                          fraction=fraction, cpu_speedup=cpu_speedup)
     print(f"{ratio:>5.2f} {dims.image_tokens(ratio):>6d} "
           f"{flops.train_step_flops(dims, batch, ratio) / 1e9:>10.1f} "
           f"{bench_utils.spread(times[ratio]):>26} {batch / step_time:>7.1f} {speedup:>7.2f} "
-          f"{flop_ratio:>10.2f} {fraction:>13.2f} {met}")
+          f"{flop_ratio:>10.2f} {fraction:>13.2f} {met:>4} {cpu_speedup:>16.2f} "
+          f"{cpu_speedup / flop_ratio:>8.2f}")
   return results
 
 

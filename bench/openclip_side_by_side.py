@@ -18,8 +18,10 @@ image and text features (eval mode, unmasked) must agree within `FEATURE_TOLERAN
 Timing: both frameworks run in this one process, one at a time: all of ours (every ratio), then all
 of open_clip's, repeated `--rounds` times (default 2), each step timed after a warm-up step; torch
 gets `--threads` intra-op threads (XLA's CPU pool uses every core). Prints per ratio the median
-images/s of each side, ours / open_clip (goal >= 1.2) and each side's achieved GFLOP/s, then the
-same for image inference (unmasked image embeddings, no gradient).
+images/s of each side, ours / open_clip (goal >= 1.2), each side's achieved GFLOP/s and the
+ratio of process CPU seconds per step (a load-independent second reading; torch's OpenMP threads
+spin while they wait, which counts against it there), then the same for image inference
+(unmasked image embeddings, no gradient).
 
 torchvision: the only wheel on the index is a CUDA build whose import fails against CPU torch;
 open_clip imports it only for its data transforms, so `stub_torchvision` puts inert placeholder
@@ -297,28 +299,33 @@ def run(args) -> dict:
   ours_fns = {r: jax_step(runners[r]) for r in args.ratios}
   theirs_fns = {r: torch_step(r) for r in args.ratios}
   times = {("ours", r): [] for r in args.ratios} | {("open_clip", r): [] for r in args.ratios}
+  cpu = {key: [] for key in times}
   for round_index in range(args.rounds):
     for side, fns in (("ours", ours_fns), ("open_clip", theirs_fns)):
+      got_cpu = {}
       got = bench_utils.time_alternating(fns, rounds=1, steps_per_round=args.steps,
-                                         warmup=1 if round_index == 0 else 0)
+                                         warmup=1 if round_index == 0 else 0, cpu_times=got_cpu)
       for r in args.ratios:
         times[(side, r)] += got[r]
+        cpu[(side, r)] += got_cpu[r]
 
   dims = flops.dims_from_config(config)
   print(f"training step, batch {batch}, fp32; {args.rounds} rounds x {args.steps} steps per "
         "ratio per side; img/s from the median step")
   print(f"{'mask':>5} {'ours img/s':>10} {'open_clip img/s':>15} {'ours/open_clip':>14} goal "
-        f"{'ours GFLOP/s':>12} {'open_clip GFLOP/s':>17}")
+        f"{'ours GFLOP/s':>12} {'open_clip GFLOP/s':>17} {'cpu-time ratio':>14}")
   results = {}
   for r in args.ratios:
     ours_t = bench_utils.median(times[("ours", r)])
     theirs_t = bench_utils.median(times[("open_clip", r)])
     ratio = theirs_t / ours_t
-    results[r] = dict(ours=batch / ours_t, open_clip=batch / theirs_t, ratio=ratio)
+    cpu_ratio = bench_utils.median(cpu[("open_clip", r)]) / bench_utils.median(cpu[("ours", r)])
+    results[r] = dict(ours=batch / ours_t, open_clip=batch / theirs_t, ratio=ratio,
+                      cpu_ratio=cpu_ratio)
     print(f"{r:>5.2f} {batch / ours_t:>10.1f} {batch / theirs_t:>15.1f} {ratio:>14.2f} "
           f"{'yes' if ratio >= GOAL_SPEED_RATIO else 'no ':>4} "
           f"{flops.train_step_flops(dims, batch, r) / ours_t / 1e9:>12.1f} "
-          f"{openclip_step_flops(dims, batch, r) / theirs_t / 1e9:>17.1f}")
+          f"{openclip_step_flops(dims, batch, r) / theirs_t / 1e9:>17.1f} {cpu_ratio:>14.2f}")
 
   # Inference: unmasked image embeddings, no gradient.
   template = jax.eval_shape(first.task.init_variables, jax.random.PRNGKey(0))["params"]
