@@ -41,6 +41,7 @@ sidecar is JSON. tests/test_reliability.py restores under an audit hook that fai
 `pickle.find_class`, the event every unpickling of code goes through.
 """
 
+import errno
 import json
 import os
 import re
@@ -65,6 +66,11 @@ META_DIR = "flip_meta"
 ITERATOR_STATE_PREFIX = "train_ds"
 # tf.train.Checkpoint writes <prefix>.index (and data files); the index is written last.
 TF_CHECKPOINT_INDEX_SUFFIX = ".index"
+# tensorstore's status text for a failed write ends in "[os_error_code='28']".
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+# OS errors a checkpoint write meets on full, read-only, quota-limited or failing storage.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                   errno.EIO)
 
 
 class CheckpointError(ValueError):
@@ -147,10 +153,21 @@ def _os_error_text(err: BaseException) -> str:
 
 
 def describe_write_error(err: BaseException) -> str:
-  """One line for an exception raised while writing a checkpoint (OSError, tf or tensorstore)."""
+  """One line for an exception raised while writing a checkpoint (OSError, tf or tensorstore).
+
+  tensorstore and TensorFlow wrap the OS error in their own exception with long paths inside the
+  temporary directory; the OS error is what the user needs (`[Errno 28] No space left on device`),
+  found from tensorstore's `os_error_code` or the OS's own text for the errors storage gives.
+  """
   text = _os_error_text(err)
   if isinstance(err, OSError) and err.errno:
     return text
+  code = _TENSORSTORE_OS_ERROR.search(text)
+  if code:
+    return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+  for number in _STORAGE_ERRNOS:
+    if os.strerror(number) in text:
+      return f"[Errno {number}] {os.strerror(number)}"
   return f"{type(err).__name__}: {text}" if not text.startswith(type(err).__name__) else text
 
 

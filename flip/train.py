@@ -2,12 +2,13 @@
 
 Owns: the partitioner (`flip.partitioning`, t5x's PjitPartitioner), the train state
 (`t5x.train_state.FlaxOptimTrainState` with the optax chain in `t5x.optimizers.OptaxWrapper`),
-init or restore (workdir / `config.resume_dir`, else `config.pretrain_dir` params into a fresh
-optimizer state), the partitioned train step with the state donated, per-step randomness from
-(seed, step) so a run is reproducible and a resumed run is identical, metrics (clu writers:
-tensorboard + console), periodic checkpoints with the input iterator beside them, eval hooks, and a
-clean exit on SIGTERM/SIGINT with a final checkpoint (in a multi-process run the processes agree
-on the step to stop at; `train_and_evaluate` reports the signal, main.py exits with 128 + signal).
+init or restore (the workdir's newest checkpoint, else `config.resume_dir`'s, else
+`config.pretrain_dir` params into a fresh optimizer state), the partitioned train step with the
+state donated, per-step randomness from (seed, step) so a run is reproducible and a resumed run
+is identical, metrics (clu writers: tensorboard + console), periodic checkpoints with the input
+iterator beside them, eval hooks, and a clean exit on SIGTERM/SIGINT with a final checkpoint (in
+a multi-process run the processes agree on the step to stop at; `train_and_evaluate` reports the
+signal, main.py exits with 128 + signal).
 
 Checks before any compute, each a one-line `flip.config.ConfigError`: the workdir is writable,
 the partitioner's mesh fits the devices, the batch divides over the data-parallel size, the
@@ -33,6 +34,10 @@ are intact. A checkpoint whose input-iterator state is not for this run's data l
 a run with another number of processes) restores the train state and restarts the input pipeline,
 as a changed batch size does; a restarted pipeline is seeded with `config.seed_tf + step`, so it
 does not replay the first batches the run already saw.
+
+Data skip counts (`data/skipped/<reason>`: cumulative since the start of training, part of the
+saved iterator state) are logged at every log step, summed over the data shards of a
+multi-process run (each process's pipeline counts only the records it read).
 
 Progress is measured in samples, not steps: `samples_seen` is saved with every checkpoint so a run
 resumed with another batch size or `num_epochs` continues its schedule at the right virtual epoch
@@ -200,7 +205,10 @@ class Trainer:
 
   def _init_state(self, rng):
     variables = self.task.init_variables(rng)
-    return t5x_train_state.FlaxOptimTrainState.create(self.optimizer_def, variables)
+    state = t5x_train_state.FlaxOptimTrainState.create(self.optimizer_def, variables)
+    # A strongly typed step, as a restored one is: fresh and resumed runs then share one compiled
+    # train step (a weakly typed step is another program, compiled again by every restart).
+    return state.replace_step(jnp.asarray(state.step, jnp.int32))
 
   def init_state(self):
     return self._p_init(self._init_rng)
@@ -284,7 +292,10 @@ def eval_interval_steps(config) -> int:
 
 
 def _restore_dir(config, workdir: str) -> str:
-  """Resume from `config.resume_dir` when it is set and holds a checkpoint, else from workdir."""
+  """The workdir when it holds a checkpoint (a preempted run restarted with the same command line
+  continues its own progress), else `config.resume_dir` when set, else the workdir (fresh)."""
+  if checkpoints.latest_complete_step(workdir) is not None:
+    return workdir
   if config.resume_dir and checkpoints.latest_complete_step(config.resume_dir) is not None:
     return config.resume_dir
   return workdir
@@ -325,6 +336,22 @@ def _host_metrics(metrics_list: Sequence[Mapping[str, Any]]) -> Dict[str, float]
     values = np.asarray([m[key] for m in fetched], dtype=np.float64)
     summary[key] = float(values.sum() if key == "nonfinite" else values.mean())
   return summary
+
+
+def skip_counts_over_shards(counts: Mapping[str, float], layout) -> Dict[str, float]:
+  """The run's skip counts by reason: each data shard's input pipeline counts the records it read,
+  so in a multi-process run the counts are summed over the shards (one process per data shard
+  contributes, `layout.is_first_host_in_replica_set`). Every process calls this at the same step.
+  """
+  if jax.process_count() == 1 or not counts:
+    return dict(counts)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  names = sorted(counts)
+  # int32: jax without x64 would narrow int64; a shard skipping 2**31 records is not a real run.
+  local = np.asarray([counts[n] if layout.is_first_host_in_replica_set else 0 for n in names],
+                     np.int32)
+  totals = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(names)).sum(0)
+  return {name: float(total) for name, total in zip(names, totals)}
 
 
 def _format_console(step: int, total: int, scalars: Mapping[str, float]) -> str:
@@ -504,7 +531,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             "eta_min": (last_step - step) / max(steps_per_sec, 1e-9) / 60.0,
             "nonfinite_steps_total": nonfinite_total,
         })
-        scalars.update({f"data/skipped/{k}": v for k, v in skipped_now.items()})
+        scalars.update({f"data/skipped/{k}": v
+                        for k, v in skip_counts_over_shards(skipped_now, layout).items()})
         writer.write_scalars(step, scalars)
         print(_format_console(step, last_step, scalars), flush=True)
         last_scalars = scalars

@@ -9,10 +9,12 @@ two-tower model, 32-px images, batch 16) on a 512-image slice of the Fashion-MNI
 builds (or `--data_dir`), logging every step and checkpointing every `--checkpoint_every` steps.
 First an uninterrupted reference run, then the same command in another workdir, killed with
 SIGKILL `--kills` times at points drawn from a seeded generator and cycling through four kinds:
-  during_save   while a `checkpoint_<step>.tmp-*` directory exists (a random delay into the save:
-                arrays, iterator state, msgpack file, rename);
+  during_save   while a `checkpoint_<step>.tmp-*` directory is being written, aiming in turn at
+                the arrays (a random delay into them), the input-iterator state and the msgpack
+                file (its rename follows within microseconds: that kill often lands just after);
   after_step    once a random step after the resume point is logged;
-  startup       a random delay after the process starts (imports, restore, compilation);
+  startup       a random delay after the process starts, before its first step is logged
+                (imports, restore, compilation);
   after_save    as soon as a new checkpoint is complete (pruning old checkpoints, next step);
 and restarted after each kill (resuming from the workdir), finally left to finish.
 
@@ -21,13 +23,14 @@ attempt resumed from (it must be the newest complete one: a half-written checkpo
 used); the loss of every logged step of every attempt equals the reference's exactly (float32 as
 written to the tensorboard events; every step 1..N is covered); the final checkpoint's arrays
 (parameters, Adam moments and counts, step) are bitwise equal to the reference's. Exit status 0
-when all holds, 1 otherwise.
+when all holds and all `--kills` kills landed before the run could finish, 1 otherwise.
 
 jax's persistent compilation cache (in `--out_dir`) is on by default so restarts load the compiled
 step: the reference run compiles it, every later attempt loads the same executable.
 """
 
 import argparse
+import collections
 import dataclasses
 import os
 import shutil
@@ -47,6 +50,7 @@ DEFAULT_TRAIN_SHARDS = 4
 @dataclasses.dataclass
 class Outcome:
   """What the comparison found."""
+  kills_requested: int
   kills: List[harness.KillRecord]
   resume_checks: List[Optional[bool]]  # per kill: next attempt resumed from the newest complete
   steps_compared: int
@@ -60,7 +64,8 @@ class Outcome:
 
   @property
   def ok(self) -> bool:
-    return (not self.steps_missing and self.max_loss_diff == 0.0 and not self.unequal_arrays
+    return (len(self.kills) == self.kills_requested and not self.steps_missing
+            and self.max_loss_diff == 0.0 and not self.unequal_arrays
             and all(c is not False for c in self.resume_checks) and self.arrays_compared > 0)
 
 
@@ -91,6 +96,8 @@ def run(out_dir: str, train_dir: str, kills: int, steps: int, checkpoint_every: 
     raise RuntimeError(f"the reference run failed ({reference.proc.returncode}); see "
                        f"{reference.stderr_path}")
   reference_seconds = time.time() - t0
+  # Start-up kills are drawn within the time a restart takes to its first step: the reference's
+  # until a restart (compiled step loaded from the cache) has been timed.
   startup = reference.first_step_seconds or 10.0
   log(f"reference: {steps} steps in {reference_seconds:.0f} s (first step after {startup:.0f} s)")
 
@@ -104,11 +111,15 @@ def run(out_dir: str, train_dir: str, kills: int, steps: int, checkpoint_every: 
     process = harness.MainProcess(args, env, os.path.join(logs, f"attempt_{attempt:02d}.stderr"))
     if len(records) < kills:
       kind = harness.KILL_KINDS[len(records) % len(harness.KILL_KINDS)]
+      save_kills = sum(r.kind == harness.KILL_DURING_SAVE for r in records)
+      phase = harness.SAVE_PHASES[save_kills % len(harness.SAVE_PHASES)]
       record = harness.kill_once(process, killed_dir, kind, rng, expected_resume, steps,
-                                 checkpoint_every, startup)
+                                 checkpoint_every, startup, save_phase=phase)
     else:
       process.wait(timeout=1800)
       record = None
+    if process.first_step_seconds is not None:
+      startup = process.first_step_seconds
     actual_resume = harness.resumed_from(process)
     if resume_checks:  # the previous kill's aftermath: did this attempt resume correctly?
       resume_checks[-1] = (None if actual_resume is None and expected_resume is not None
@@ -132,7 +143,7 @@ def run(out_dir: str, train_dir: str, kills: int, steps: int, checkpoint_every: 
   missing = sorted(set(range(1, steps + 1)) - covered)
   arrays, unequal = harness.compare_checkpoints(os.path.join(ref_dir, f"checkpoint_{steps}"),
                                                 os.path.join(killed_dir, f"checkpoint_{steps}"))
-  return Outcome(records, resume_checks, len(covered), len(killed_losses),
+  return Outcome(kills, records, resume_checks, len(covered), len(killed_losses),
                  max(diffs, default=float("nan")), missing, arrays, unequal, reference_seconds,
                  killed_seconds)
 
@@ -141,15 +152,26 @@ def summary_table(outcome: Outcome) -> str:
   rows = [("#", "kind", "resumed from", "last step", "landed", "newest complete after",
            "tmp dirs left", "next resume ok")]
   for i, (record, check) in enumerate(zip(outcome.kills, outcome.resume_checks), start=1):
-    rows.append((str(i), record.kind, str(record.resumed_from), str(record.last_logged_step),
+    kind = f"{record.kind} ({record.aim})" if record.aim else record.kind
+    rows.append((str(i), kind, str(record.resumed_from), str(record.last_logged_step),
                  record.landed, str(record.complete_after), str(len(record.tmp_left)),
                  {True: "yes", False: "NO", None: "n/a"}[check]))
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
+  by_kind = collections.Counter(r.kind for r in outcome.kills)
+  during_save = sum(1 for r in outcome.kills if r.tmp_left)
   lines += [
       "",
-      f"kills survived:        {len(outcome.kills)}",
+      "kills by kind:         " + ", ".join(f"{k} {by_kind[k]}" for k in harness.KILL_KINDS),
+      f"kills inside a save:   {during_save} (a checkpoint_<step>.tmp-* directory left behind; "
+      "never restored, removed at the next start)",
+      "resumed from:          " + ", ".join(
+          "fresh" if r.resumed_from is None else f"checkpoint_{r.resumed_from}"
+          for r in outcome.kills) + " (the attempt each kill hit)",
+      f"kills survived:        {len(outcome.kills)} of {outcome.kills_requested} requested"
+      + ("" if len(outcome.kills) == outcome.kills_requested else
+         " (the run finished first: more --steps)"),
       f"steps compared:        {outcome.steps_compared} (missing: {outcome.steps_missing or 'none'})",
       f"logged losses compared: {outcome.losses_compared} (re-run steps included)",
       f"max loss difference:   {outcome.max_loss_diff}",
@@ -157,6 +179,8 @@ def summary_table(outcome: Outcome) -> str:
       f"({outcome.arrays_compared} arrays: params, optimizer state, step)"
       + (f"; unequal: {outcome.unequal_arrays[:5]}" if outcome.unequal_arrays else ""),
       f"time: reference {outcome.reference_seconds:.0f} s, killed runs {outcome.killed_seconds:.0f} s",
+      "(next resume ok: the attempt after the kill restored the newest complete checkpoint; "
+      "n/a: that attempt was itself killed before it logged its restore)",
       f"RESULT: {'PASS' if outcome.ok else 'FAIL'}",
   ]
   return "\n".join(lines)

@@ -42,6 +42,7 @@ TMP_CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)\.tmp-\d+$")
 RECORD_HEADER_BYTES = 12
 RECORD_FOOTER_BYTES = 4
 POLL_SECONDS = 0.02
+STARTUP_KILL_MIN_SECONDS = 0.3  # a start-up kill lands at least this long after the spawn
 # Demo-config smoke run used by the scripts and tests: a few dozen CPU steps of the real model.
 DEMO_CONFIG = "configs/cfg_demo.py:smoke"
 # Start-up noise TF/XLA print on stderr that is not part of main.py's own output.
@@ -231,6 +232,18 @@ KILL_AFTER_STEP = "after_step"  # once a given step is logged (plus a random del
 KILL_DURING_SAVE = "during_save"  # while a checkpoint_<step>.tmp-* directory exists
 KILL_AFTER_SAVE = "after_save"  # as soon as a new complete checkpoint appears (pruning, next step)
 KILL_KINDS = (KILL_DURING_SAVE, KILL_AFTER_STEP, KILL_STARTUP, KILL_AFTER_SAVE)
+# Phases of a save a during_save kill aims at, in t5x's order: the arrays (one tensorstore
+# directory each; killed after a random delay into them), the input-iterator state (killed once a
+# `train_ds-*` file appears), the msgpack `checkpoint` file (killed once it appears: the rename
+# follows within microseconds, so this kill often lands just after the checkpoint completed).
+SAVE_ARRAYS, SAVE_ITERATOR, SAVE_MSGPACK = "arrays", "iterator", "msgpack"
+SAVE_PHASES = (SAVE_ARRAYS, SAVE_ITERATOR, SAVE_MSGPACK)
+_SAVE_PHASE_REACHED = {
+    SAVE_ARRAYS: lambda names: any(n.startswith(("target.", "state.")) for n in names),
+    SAVE_ITERATOR: lambda names: any(n.startswith("train_ds-") for n in names),
+    SAVE_MSGPACK: lambda names: "checkpoint" in names,
+}
+SAVE_ARRAYS_MAX_DELAY_SECONDS = 0.5
 
 
 @dataclasses.dataclass
@@ -239,19 +252,30 @@ class KillRecord:
   kind: str
   resumed_from: Optional[int]  # the checkpoint step the killed attempt restored (None: fresh)
   last_logged_step: Optional[int]  # the last step the attempt printed before it died
-  landed: str  # human-readable: "start-up", "step 9", "writing checkpoint_12 (state, no msgpack)"
+  landed: str  # e.g. "start-up (...)", "training, after step 9", "writing checkpoint_12 (...)"
   complete_after: Optional[int]  # latest complete checkpoint after the kill
   tmp_left: List[str]  # checkpoint_*.tmp-* directories left behind
   seconds: float  # time from start of the attempt to the kill
+  aim: str = ""  # the save phase a during_save kill aimed at
 
 
 def _tmp_contents(workdir: str, tmp_name: str) -> str:
+  """What a save had written when it died, in t5x's order: arrays (tensorstore, one directory
+  per array), the input-iterator state, the msgpack `checkpoint` file (then the rename)."""
   try:
-    names = sorted(os.listdir(os.path.join(workdir, tmp_name)))
+    names = os.listdir(os.path.join(workdir, tmp_name))
   except OSError:
     return "gone"
-  shown = [n for n in names if not n.startswith(".")]
-  return ", ".join(shown) if shown else "empty"
+  arrays = sum(1 for n in names if n.startswith(("target.", "state.")))
+  iterator_files = [n for n in names if n.startswith("train_ds-")]
+  if any(n.endswith(".index") for n in iterator_files):
+    iterator = "iterator state written"
+  elif iterator_files:  # tf.train.Checkpoint's temporary files: the write was cut
+    iterator = "iterator state partly written"
+  else:
+    iterator = "no iterator state"
+  msgpack = "with msgpack" if "checkpoint" in names else "no msgpack"
+  return f"{arrays} arrays, {iterator}, {msgpack}"
 
 
 def wait_for(predicate, process: MainProcess, timeout: float) -> bool:
@@ -266,32 +290,46 @@ def wait_for(predicate, process: MainProcess, timeout: float) -> bool:
   return False
 
 
+def _save_phase_reached(workdir: str, phase: str, complete_before: set) -> bool:
+  """A save in progress has reached `phase`; or, for the msgpack phase, a save completed (its
+  last instants were too short to catch)."""
+  tmp = tmp_checkpoint_dirs(workdir)
+  if tmp:
+    try:
+      names = os.listdir(os.path.join(workdir, tmp[-1]))
+    except OSError:  # renamed meanwhile
+      names = []
+    if _SAVE_PHASE_REACHED[phase](names):
+      return True
+  return phase == SAVE_MSGPACK and bool(set(complete_steps(workdir)) - complete_before)
+
+
 def kill_once(process: MainProcess, workdir: str, kind: str, rng, resumed_from: Optional[int],
               last_step: int, checkpoint_every: int, startup_seconds: float,
-              timeout: float = 900) -> Optional[KillRecord]:
-  """Waits for the kill point of `kind`, sends SIGKILL; None if the run finished first."""
+              save_phase: str = SAVE_ARRAYS, timeout: float = 900) -> Optional[KillRecord]:
+  """Waits for the kill point of `kind` (for during_save: of `save_phase`), sends SIGKILL; None
+  if the run finished first."""
   before = set(complete_steps(workdir))
   start_step = resumed_from or 0
   landed = ""
   if kind == KILL_STARTUP:
-    delay = rng.uniform(0.3, max(0.5, startup_seconds))
-    reached = wait_for(lambda: time.time() - process.started >= delay, process, timeout)
+    # Before the first step is logged: a random point of imports, restore, compilation.
+    delay = rng.uniform(STARTUP_KILL_MIN_SECONDS, max(STARTUP_KILL_MIN_SECONDS, startup_seconds))
+    reached = wait_for(lambda: (time.time() - process.started >= delay
+                                or process.last_logged_step is not None), process, timeout)
   elif kind == KILL_AFTER_STEP:
     target = min(last_step - 1, start_step + int(rng.integers(1, 2 * checkpoint_every + 1)))
     reached = wait_for(lambda: (process.last_logged_step or 0) >= target, process, timeout)
     if reached:
       time.sleep(rng.uniform(0.0, 0.2))
   elif kind == KILL_DURING_SAVE:
-    reached = wait_for(lambda: bool(tmp_checkpoint_dirs(workdir)), process, timeout)
-    if reached:
-      time.sleep(rng.uniform(0.0, 0.6))
+    reached = wait_for(lambda: _save_phase_reached(workdir, save_phase, before), process, timeout)
+    if reached and save_phase == SAVE_ARRAYS:
+      time.sleep(rng.uniform(0.0, SAVE_ARRAYS_MAX_DELAY_SECONDS))
   elif kind == KILL_AFTER_SAVE:
     reached = wait_for(lambda: bool(set(complete_steps(workdir)) - before), process, timeout)
   else:
     raise ValueError(f"unknown kill kind {kind!r}; known: {KILL_KINDS}")
-  tmp_now = tmp_checkpoint_dirs(workdir)
-  if tmp_now:
-    landed = f"writing {tmp_now[-1].split('.')[0]} ({_tmp_contents(workdir, tmp_now[-1])})"
   if not process.running() or not reached:
     process.kill()
     process.wait(timeout=60)
@@ -303,9 +341,12 @@ def kill_once(process: MainProcess, workdir: str, kind: str, rng, resumed_from: 
   process.kill()
   process.wait(timeout=60)
   logged = process.last_logged_step
-  if not landed:
+  tmp_now = tmp_checkpoint_dirs(workdir)  # what the dead process left: where the kill landed
+  if tmp_now:
+    landed = f"writing {tmp_now[-1].split('.')[0]} ({_tmp_contents(workdir, tmp_now[-1])})"
+  else:
     new = sorted(set(complete_steps(workdir)) - before)
-    if kind == KILL_AFTER_SAVE and new:
+    if kind in (KILL_AFTER_SAVE, KILL_DURING_SAVE) and new:
       landed = f"just after checkpoint_{new[-1]} completed"
     elif logged is None or (resumed_from is not None and logged <= resumed_from):
       landed = "start-up (imports, restore, compilation)"
@@ -313,7 +354,7 @@ def kill_once(process: MainProcess, workdir: str, kind: str, rng, resumed_from: 
       landed = f"training, after step {logged}"
   return KillRecord(kind, resumed_from, logged, landed,
                     max(complete_steps(workdir), default=None), tmp_checkpoint_dirs(workdir),
-                    seconds)
+                    seconds, aim=save_phase if kind == KILL_DURING_SAVE else "")
 
 
 def resumed_from(process: MainProcess) -> Optional[int]:
