@@ -1,7 +1,7 @@
 """Tests of the benchmark tooling: the analytic FLOP counter (flip/flops.py) against a hand count
 and against the matmuls a traced model really contains, and smoke runs of the bench scripts on
 tiny models (they must run and print their tables; their numbers are not checked: benchmarks are
-not tests)."""
+not tests). Smoke runs that compile a train step are marked slow (FLIP_SLOW_TESTS=1)."""
 
 import importlib
 import os
@@ -125,6 +125,7 @@ def _bench(name):
   return importlib.import_module(name)
 
 
+@pytest.mark.slow  # compiles two train steps: ~11 min on the loaded 2-core machine
 def test_masking_speedup_smoke(capsys):
   results = _bench("masking_speedup").main(
       ["--model", "tiny", "--ratios", "0", "0.5", "--rounds", "1", "--steps", "1"])
@@ -133,6 +134,7 @@ def test_masking_speedup_smoke(capsys):
   assert "measured/FLOP" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # compiles a train step and times it: ~4.5 min on the loaded machine
 def test_mfu_smoke(capsys):
   results = _bench("mfu").main(["--model", "tiny", "--n", "64", "--matmuls", "2", "--rounds", "1"])
   assert results["peak"] > 0 and np.isfinite(results["mfu"])
