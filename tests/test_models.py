@@ -24,13 +24,17 @@ from flip import config as config_lib
 from flip import masking
 from flip import optim
 from flip import partitioning
+from flip import tasks
 from flip.models import flip as flip_lib
 from flip.models import layers
 from flip.models import text as text_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The FLIP configs (two towers); the MAE / probe / fine-tune configs are tested in test_mae,
+# test_linprobe and test_finetune.
+MAE_FAMILY_PREFIXES = ("cfg_mae_", "cfg_linprobe_", "cfg_finetune_")
 CONFIG_NAMES = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py")
-                      if p.stem != "__init__")
+                      if p.stem != "__init__" and not p.stem.startswith(MAE_FAMILY_PREFIXES))
 SMOKE_CONFIG = "configs/cfg_flip_large.py:smoke"
 ABSTRACT_BATCH = 2
 PARAM_STDDEV = 0.1
@@ -477,3 +481,29 @@ def test_partition_states_shards_adam_moments_of_kernels_over_data(smoke_train_s
       assert params[key].shape[data_axis] % 4 == 0
     elif params[key].ndim <= 1:
       assert not _uses_data(spec), (moment, key, spec)
+
+
+MAE_FAMILY_NAMES = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py")
+                          if p.stem.startswith(MAE_FAMILY_PREFIXES))
+
+
+@pytest.mark.parametrize("name", MAE_FAMILY_NAMES)
+def test_mae_family_configs_build_their_task_model_abstractly(name):
+  """Every MAE / probe / fine-tune config validates and its task's variables have logical axes."""
+  config = load(name)
+  config_lib.validate_config(config)
+  task = tasks.get_task(config, config.task)
+  variables = jax.eval_shape(task.init_variables, jax.random.key(0))
+  params = traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
+  axes = traverse_util.flatten_dict(flax.core.unfreeze(variables["params_axes"]), sep="/")
+  assert params and len(axes) == len(params)
+  for key, value in params.items():
+    assert len(axes[key + "_axes"].names) == value.ndim, key
+  encoder = count(variables["params"]["img_encoder"])
+  img = config.model.model_img
+  grid_tokens = (config.image_size // img.patches.size[0]) ** 2
+  expected = analytic_vit_params(img.patches.size[0], img.hidden_size,
+                                 img.transformer.num_layers, img.transformer.mlp_dim,
+                                 cls_token=img.use_cls_token,
+                                 learned_posemb_tokens=0 if img.sincos else grid_tokens)
+  assert encoder == expected, (encoder, expected)
