@@ -2,7 +2,11 @@
 [--gin_file=gin/….gin] [--gin.BINDING=VALUE]`.
 
 Masked pretraining, unmasked tuning (`--config.pretrain_dir`, `--config.model.model_img.mask_ratio=0`)
-and zero-shot evaluation (`--config.eval_only=True`) all go through here, as in FLIP. Configs hold
+and zero-shot evaluation (`--config.eval_only=True`) all go through here, as in FLIP, and so do the
+MAE family's tasks (`config.task`: mae, linprobe, finetune). `--config.eval_only=True` evaluates a
+checkpoint the way its task is evaluated during training (`eval_only_function`): zero-shot (and
+retrieval) for FLIP, top-1/top-5 on `config.data.eval` for a linear probe or a fine-tuned
+classifier; MAE has no such evaluation and is refused in one line. Configs hold
 numbers (ml_collections, type-checked overrides); gin files wire components (partitioner class, axis
 rules, task). Configuration problems are refused before any compute with one line naming the key.
 Multi-process runs (several hosts, or several processes on one machine for testing) pass
@@ -22,6 +26,7 @@ Exit status (what a job scheduler or a retry loop sees; docs/RELIABILITY.md):
 
 import os
 import sys
+from typing import Any, Callable, Dict
 
 from absl import app
 from absl import flags
@@ -71,6 +76,36 @@ def _initialize_distributed():
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
+def eval_only_function(task: Any) -> Callable[..., Dict[str, float]]:
+  """What `--config.eval_only=True` runs for `task`, chosen by what the task computes.
+
+  Class logits (`logits`: linear probe, fine-tuning): `flip.classification_eval.run_eval_only`,
+  top-1/top-5 on `config.data.eval`. Image and text embeddings (`encode_image`, `encode_text`:
+  FLIP): `flip.evaluate.run_eval_only`, zero-shot classification and retrieval. Both are called as
+  `fn(config, workdir, task=task)`. Any other task (MAE) has nothing to score a checkpoint with and
+  is refused with a `ConfigError`, pointing at `flip.visualize` for a reconstruction task.
+  """
+  from flip import classification_eval  # pylint: disable=g-import-not-at-top (tf)
+  from flip import evaluate  # pylint: disable=g-import-not-at-top
+  if hasattr(task, "logits"):
+    return classification_eval.run_eval_only
+  if hasattr(task, "encode_image") and hasattr(task, "encode_text"):
+    return evaluate.run_eval_only
+  message = f"config.eval_only=True: task {task.name!r} has no eval_only evaluation"
+  if hasattr(task, "forward") and hasattr(task, "norm_pix_loss"):  # what flip.visualize accepts
+    message += ("; for a checkpoint's reconstruction grid and held-out reconstruction loss run "
+                "python -m flip.visualize --workdir=WORKDIR --config=CONFIG --out=GRID.png")
+  raise config_lib.ConfigError(message)
+
+
+def run_eval_only(config: Any, workdir: str) -> Dict[str, float]:
+  """`--config.eval_only=True`: the task's own evaluation of its checkpoint (`config.pretrain_dir`,
+  else the newest in `workdir`); see `eval_only_function`."""
+  from flip import train  # pylint: disable=g-import-not-at-top
+  task = train.build_task(config)
+  return eval_only_function(task)(config, workdir, task=task)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -97,7 +132,7 @@ def main(argv):
   _initialize_distributed()
   try:
     if config.eval_only:
-      evaluate.run_eval_only(config, _WORKDIR.value)
+      run_eval_only(config, _WORKDIR.value)
       return
     result = train.train_and_evaluate(config, _WORKDIR.value,
                                       eval_hooks=evaluate.eval_hooks(config))

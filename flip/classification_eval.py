@@ -13,7 +13,10 @@ the total of valid images is checked against the source's count.
 
 Metrics: `classification/<set>/top1`, `.../top5` (fractions) and `.../num_images`, printed in
 `flip.evaluate.format_metrics`' format. `run_eval_only(config, workdir)` evaluates a checkpoint
-(`config.pretrain_dir`, else the newest in workdir) the same way.
+(`config.pretrain_dir`, else the newest in workdir) the same way, with the BatchNorm statistics
+saved in it; `main.py --config.eval_only=True` calls it for classifier tasks. Like
+`flip.evaluate.run_eval_only` it prints one `eval_only <checkpoint>: ...` line and writes the
+metrics into workdir's tensorboard events at the checkpoint's step.
 """
 
 import math
@@ -175,7 +178,12 @@ class ClassificationEval:
 
 
 def run_eval_only(config: ml_collections.ConfigDict, workdir: str, task: Any = None) -> Metrics:
-  """Evaluates a classifier checkpoint (`config.pretrain_dir`, else the newest in workdir)."""
+  """Evaluates a classifier checkpoint (`config.pretrain_dir`, else the newest in workdir).
+
+  A missing or misfitting checkpoint raises `checkpoints.CheckpointError`, unusable data
+  `flip.evaluate.EvalError`; both are one line naming the path or data set.
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from flip import train  # pylint: disable=g-import-not-at-top
   ckpt_dir = evaluate.eval_checkpoint_dir(config, workdir)
   hook = ClassificationEval.from_config(config)
@@ -194,6 +202,10 @@ def run_eval_only(config: ml_collections.ConfigDict, workdir: str, task: Any = N
   metrics = hook.evaluate(
       task, place_host_tree(params, evaluate.params_mesh_axes(task, partitioner), partitioner),
       place_host_tree(mutables, mutables_mesh_axes(task, partitioner), partitioner))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  step = evaluate._checkpoint_step(ckpt_dir)  # pylint: disable=protected-access
+  writer.write_scalars(step, metrics)
+  writer.flush()
   line = f"eval_only {ckpt_dir}: {evaluate.format_metrics(metrics)}"
   logging.info("%s", line)
   if jax.process_index() == 0:
