@@ -8,7 +8,9 @@ state donated, per-step randomness from (seed, step) so a run is reproducible an
 is identical, metrics (clu writers: tensorboard + console), periodic checkpoints with the input
 iterator beside them, eval hooks, and a clean exit on SIGTERM/SIGINT with a final checkpoint (in
 a multi-process run the processes agree on the step to stop at; `train_and_evaluate` reports the
-signal, main.py exits with 128 + signal).
+signal, main.py exits with 128 + signal). The processes of a multi-process run meet after the
+checks below and before restore or compute, and open their collectives together
+(`align_processes`).
 
 Checks before any compute, each a one-line `flip.config.ConfigError`: the workdir is writable,
 the partitioner's mesh fits the devices, the batch divides over the data-parallel size, the
@@ -47,6 +49,7 @@ starts afresh: t5x's saved tf.data iterator state is the old pipeline, old batch
 """
 
 import dataclasses
+import itertools
 import math
 import signal
 import time
@@ -74,6 +77,12 @@ from flip import partitioning
 from flip import tasks as tasks_lib
 
 EvalHook = Callable[[Any, Any, int], Mapping[str, float]]
+
+# How long the processes of a multi-process run wait for each other before the first step
+# (start-up, data listing and restore take what they take; this only bounds a process that never
+# comes).
+PROCESS_START_BARRIER_SECONDS = 3600
+_TRAIN_STARTS = itertools.count()  # barrier names: every process counts its runs alike
 
 
 class NonFiniteError(FloatingPointError):
@@ -142,6 +151,41 @@ def build_task(config: Any, task_name: Optional[str] = None):
     raise config_lib.ConfigError(
         f"gin binds train.build_task.task_name={task_name!r} but config.task={configured!r}")
   return tasks_lib.get_task(config, task_name or configured or tasks_lib.DEFAULT_TASK)
+
+
+def align_processes(mesh: jax.sharding.Mesh, name: str) -> None:
+  """Multi-process runs: meet at a barrier, then open the collectives of the mesh together.
+
+  XLA's CPU collectives (gloo) connect the processes of a group of devices the first time a
+  program uses that group, and wait at most 30 s (fixed in XLA) for the others: a process that
+  starts, restores or compiles the train step more than 30 s after another fails its first step
+  with "Gloo context initialization failed: DEADLINE_EXCEEDED" (seen with 2 processes on a loaded
+  2-core machine). Here all processes meet at a barrier of jax's coordination service (no such
+  limit), then psum over every group the train step can use (all devices, and each mesh axis)
+  while they are together, and all-gather across processes as `multihost_utils` does (the loop's
+  stop agreement, checkpointing); later collectives wait for a late peer instead of failing.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top (jax's own barrier client)
+  client = distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, PROCESS_START_BARRIER_SECONDS * 1000)
+  spec = jax.sharding.PartitionSpec(mesh.axis_names)
+  ones = jax.make_array_from_callback(
+      (mesh.size,), jax.sharding.NamedSharding(mesh, spec), lambda _: np.ones((1,), np.int32))
+  groups = [tuple(mesh.axis_names)] + [(a,) for a in mesh.axis_names
+                                       if 1 < mesh.shape[a] < mesh.size]
+  for axes in groups:
+    summed = jax.jit(jax.shard_map(lambda x, axes=axes: jax.lax.psum(x, axes), mesh=mesh,
+                                   in_specs=spec, out_specs=spec))(ones)
+    expected = math.prod(mesh.shape[a] for a in axes)
+    if any(int(np.asarray(shard.data)[0]) != expected for shard in summed.addressable_shards):
+      raise RuntimeError(f"collective check over mesh axes {axes} failed")
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(np.int32(jax.process_index()))
+  if sorted(int(i) for i in np.ravel(gathered)) != list(range(jax.process_count())):
+    raise RuntimeError(f"process all-gather check failed: {gathered}")
 
 
 def _is_schedule_state(node: Any) -> bool:
@@ -428,6 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pretrained = None
   if restore_step is None and config.pretrain_dir:
     pretrained = _load_pretrained(config, task, trainer)  # checked before anything is compiled
+  align_processes(partitioner.mesh, f"flip_train_start_{next(_TRAIN_STARTS)}")
   data_iter = iter(dataset)
   checkpointer = t5x_checkpoints.Checkpointer(
       trainer.state_shape, partitioner, workdir, dataset_iterator=data_iter,

@@ -67,6 +67,9 @@ EXIT_RUNTIME_ERROR, EXIT_CONFIG_ERROR = 1, 2  # main.py's exit statuses
 DISK_CHECKPOINTS = 1.5
 MP_PROCESSES, MP_LOCAL_DEVICES = 2, 4
 MP_STEPS = 2 * CHECKPOINT_EVERY  # the two-process run; a one-process resume does the rest
+# XLA's CPU collectives (gloo) wait 30 s for the other processes when they first connect a group
+# of devices; a process started this much later must still be waited for (flip.train's barrier).
+STRAGGLER_SECONDS = 45
 # The multi-process data: 4 shards of 16 images, so each process (2 shards) closes an epoch every
 # 4 steps; process 1's last shard is cut inside its last record.
 MP_TRAIN_IMAGES, MP_SHARDS, MP_CUT_SHARD = 64, 4, 3
@@ -284,8 +287,48 @@ def test_a_read_only_workdir_is_refused_before_any_compute_with_exit_2(
                             env_for(jax_cache), str(tmp_path / "ro.stderr"), timeout=TIMEOUT)
   assert result.proc.returncode == EXIT_CONFIG_ERROR, result.stderr[-3000:]
   assert result.stderr_lines() == [
-      f"error: --workdir: workdir {workdir} is not writable: [Errno 30] Read-only file system"]
+      f"config error: --workdir: workdir {workdir} is not writable: [Errno 30] Read-only file "
+      "system"]
   assert result.logged_steps == []
+
+
+# --------------------------------------------------------------------------- divergence
+
+DIVERGING_LR = "1e30"  # finite float32 parameters after one update, infinite logits after it
+NONFINITE_LIMIT = 2
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_exit_3_and_only_finite_checkpoints(
+    tmp_path, train_dir, jax_cache):
+  """A learning rate of 1e30: the first updates leave huge but finite parameters, after which
+  every step is non-finite and skipped; NONFINITE_LIMIT of them in a row stop the run with exit
+  status 3 and one line naming the limit and the last good checkpoint; every checkpoint on disk
+  holds finite values only."""
+  workdir = tmp_path / "wd"
+  args = main_args("tiny", workdir, train_dir, STEPS, 1) + [
+      f"--config.learning_rate={DIVERGING_LR}",
+      f"--config.max_consecutive_nonfinite={NONFINITE_LIMIT}"]
+  run = harness.run_main(args, env_for(jax_cache), str(tmp_path / "nan.stderr"), timeout=TIMEOUT)
+  lines = run.stderr_lines()
+  totals = {s: v for _, s, v in harness.logged_scalars(str(workdir), "nonfinite_steps_total")}
+  print(f"lr {DIVERGING_LR}: exit {run.proc.returncode}; stderr {lines}; nonfinite_steps_total "
+        f"{totals}; checkpoints {harness.complete_steps(str(workdir))}")
+  assert run.proc.returncode == 3, run.stderr[-3000:]
+  assert len(lines) == 1, lines
+  stop = re.fullmatch(rf"error: {NONFINITE_LIMIT} consecutive steps had a non-finite loss, "
+                      rf"gradient or update \(limit config.max_consecutive_nonfinite="
+                      rf"{NONFINITE_LIMIT}\); last good checkpoint: (\d+|None)", lines[0])
+  assert stop, lines[0]
+  last_step = max(totals)
+  assert totals[last_step] == NONFINITE_LIMIT and last_step < STEPS
+  # The stop comes before the stopping step's save; a skipped step's state is the last finite
+  # one, saved under its own step.
+  assert harness.complete_steps(str(workdir))[-1] == last_step - 1
+  assert stop.group(1) == str(last_step - 1)
+  for step in harness.complete_steps(str(workdir)):
+    arrays = harness.checkpoint_arrays(str(workdir / f"checkpoint_{step}"))
+    assert all(np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f")
 
 
 # --------------------------------------------------------------------------- two processes
@@ -375,18 +418,23 @@ def free_port() -> int:
 
 
 def start_two_processes(size: str, workdir: pathlib.Path, train_dir: str, steps: int,
-                        checkpoint_every: int, jax_cache: str,
-                        logs: pathlib.Path) -> List[harness.MainProcess]:
-  """main.py twice on loopback, MP_LOCAL_DEVICES simulated CPU devices each, gloo collectives."""
+                        checkpoint_every: int, jax_cache: str, logs: pathlib.Path,
+                        stagger_seconds: float = 0.0) -> List[harness.MainProcess]:
+  """main.py twice on loopback, MP_LOCAL_DEVICES simulated CPU devices each, gloo collectives;
+  the second process started `stagger_seconds` after the first."""
   address = f"127.0.0.1:{free_port()}"
   args = main_args(size, workdir, train_dir, steps, checkpoint_every)
   logs.mkdir(parents=True, exist_ok=True)
   tag = uuid.uuid4().hex[:6]
-  return [harness.MainProcess(
-      args + [f"--coordinator_address={address}", f"--num_processes={MP_PROCESSES}",
-              f"--process_id={i}"],
-      env_for(jax_cache, MP_LOCAL_DEVICES), str(logs / f"process_{i}.{tag}.stderr"))
-          for i in range(MP_PROCESSES)]
+  processes = []
+  for i in range(MP_PROCESSES):
+    if i:
+      time.sleep(stagger_seconds)
+    processes.append(harness.MainProcess(
+        args + [f"--coordinator_address={address}", f"--num_processes={MP_PROCESSES}",
+                f"--process_id={i}"],
+        env_for(jax_cache, MP_LOCAL_DEVICES), str(logs / f"process_{i}.{tag}.stderr")))
+  return processes
 
 
 def wait_all(processes: Sequence[harness.MainProcess], timeout: float = TIMEOUT) -> List[int]:
@@ -549,7 +597,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_they_resume(
     tmp_path, mp_train_dir, jax_cache, one_process_references):
   """SIGTERM reaches process 1 only. Both processes agree on the step to stop at, write one
   checkpoint together (each its own input-iterator state), print one line each and exit 143;
-  restarted, each resumes its own iterator state and the run ends with the one-process
+  restarted with process 1 a straggler (started STRAGGLER_SECONDS later, beyond gloo's 30 s
+  connection wait), each resumes its own iterator state and the run ends with the one-process
   reference's losses at every step."""
   size = "tiny"
   reference_dir = one_process_references(size)
@@ -569,7 +618,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_they_resume(
   assert iterator_states == ["train_ds-000-of-002.index", "train_ds-001-of-002.index"]
 
   restarted = start_two_processes(size, workdir, mp_train_dir, STEPS, NEVER, jax_cache,
-                                  tmp_path / "logs")
+                                  tmp_path / "logs", stagger_seconds=STRAGGLER_SECONDS)
   assert wait_all(restarted) == [0, 0], [p.stderr[-2000:] for p in restarted]
   assert [harness.resumed_from(p) for p in restarted] == [stop_step] * MP_PROCESSES
   losses = losses_of(workdir)
