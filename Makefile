@@ -13,7 +13,7 @@ DEMO_DATA ?= data/demo
 DEMO_WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo bench clean distclean fashion-mnist
+.PHONY: install test test-slow demo demo-mae bench clean distclean fashion-mnist
 
 install: $(STAMP)
 
@@ -63,6 +63,32 @@ demo: install fashion-mnist
 	@echo "== zero-shot evaluation of the tuned model (eval_only)"
 	$(PY) main.py --workdir=$(DEMO_WORKDIR)/eval --config=configs/cfg_demo.py \
 	  --config.pretrain_dir=$(DEMO_WORKDIR)/tune --config.eval_only=True
+
+# The MAE demo (docs/MAE.md): MAE pretraining on the demo images, a reconstruction grid, a linear
+# probe of the frozen encoder and a short fine-tuning, each from the pretrained checkpoint, in
+# $(DEMO_WORKDIR)-mae. Every stage's output is kept in <stage>.log; the accuracies are printed last.
+demo-mae: install fashion-mnist
+	$(PY) -m flip.data.demo --fashion_mnist_dir=$(FASHION_MNIST) --out_dir=$(DEMO_DATA)
+	rm -rf $(DEMO_WORKDIR)-mae && mkdir -p $(DEMO_WORKDIR)-mae && date +%s > $(DEMO_WORKDIR)-mae/start_time
+	@echo "== MAE pretraining (mask ratio 0.75, norm_pix_loss)"
+	set -o pipefail; $(PY) main.py --workdir=$(DEMO_WORKDIR)-mae/mae --config=configs/cfg_mae_demo.py \
+	  2>&1 | tee $(DEMO_WORKDIR)-mae/mae.log
+	@echo "== reconstruction grid (original | masked | reconstruction | reconstruction + visible)"
+	set -o pipefail; $(PY) -m flip.visualize --workdir=$(DEMO_WORKDIR)-mae/mae \
+	  --config=configs/cfg_mae_demo.py --out=$(DEMO_WORKDIR)-mae/reconstructions.png \
+	  2>&1 | tee $(DEMO_WORKDIR)-mae/visualize.log
+	@echo "== linear probe of the frozen encoder"
+	set -o pipefail; $(PY) main.py --workdir=$(DEMO_WORKDIR)-mae/linprobe \
+	  --config=configs/cfg_linprobe_demo.py --config.pretrain_dir=$(DEMO_WORKDIR)-mae/mae \
+	  2>&1 | tee $(DEMO_WORKDIR)-mae/linprobe.log
+	@echo "== fine-tuning"
+	set -o pipefail; $(PY) main.py --workdir=$(DEMO_WORKDIR)-mae/finetune \
+	  --config=configs/cfg_finetune_demo.py --config.pretrain_dir=$(DEMO_WORKDIR)-mae/mae \
+	  2>&1 | tee $(DEMO_WORKDIR)-mae/finetune.log
+	@echo "== MAE demo results ($$(( $$(date +%s) - $$(cat $(DEMO_WORKDIR)-mae/start_time) )) s)"
+	@grep -h "mae/heldout_loss" $(DEMO_WORKDIR)-mae/visualize.log
+	@echo "linear probe: $$(grep -h 'eval at step' $(DEMO_WORKDIR)-mae/linprobe.log | tail -1)"
+	@echo "fine-tuning:  $$(grep -h 'eval at step' $(DEMO_WORKDIR)-mae/finetune.log | tail -1)"
 
 bench: install
 	$(PY) bench/run_all.py

@@ -1,6 +1,6 @@
 """Fine-tuning: layer-wise lr decay multipliers per parameter, mixup/cutmix, random erasing,
-RandAugment ops against PIL (the library timm's RandAugment is built on), and MAE/FLIP
-checkpoints loading into the fine-tuning model.
+RandAugment ops against PIL (the library timm's RandAugment is built on). MAE and FLIP
+checkpoints loading into the fine-tuning and probe models are tested in tests/test_linprobe.py.
 
 References: the layer id of every parameter is written out by hand from MAE's rule (embeddings 0,
 block i -> i + 1, the rest num_layers + 1); mixup and cutmix against numpy with the lambda and box

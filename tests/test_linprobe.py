@@ -241,3 +241,28 @@ def test_a_tower_that_does_not_fit_is_refused_naming_the_keys(flip_checkpoint):
 def test_probe_config_refuses_a_trainable_encoder():
   with pytest.raises(config_lib.ConfigError, match="frozen_encoder"):
     mae_tasks.LinearProbeTask(probe_config("classifier.frozen_encoder=False"))
+
+
+# ---------------------------------------------------------------- the demo set (slow)
+
+@pytest.mark.slow
+def test_probe_of_the_mae_demo_encoder_beats_the_probe_of_a_random_encoder(tmp_path_factory,
+                                                                          fashion_mnist_dir):
+  """The issue's acceptance check, with the demo configs of `make demo-mae` (minutes on 2 cores)."""
+  from flip.data import demo  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("demo_mae")
+  demo.build_demo(str(fashion_mnist_dir), str(root / "data"))
+  data = [f"data.train=demo:{root / 'data'}", f"data.eval=demo:{root / 'data'}"]
+  mae_config = config_lib.load_config("configs/cfg_mae_demo.py", data + ["visualize.num_images=0"])
+  train.train_and_evaluate(mae_config, str(root / "mae"))
+
+  def probe_top1(name, pretrain_dir):
+    config = config_lib.load_config("configs/cfg_linprobe_demo.py",
+                                    data + [f"pretrain_dir={pretrain_dir}"])
+    metrics = train.train_and_evaluate(config, str(root / name))["metrics"]
+    return metrics["classification/demo/top1"]
+
+  trained = probe_top1("probe_trained", str(root / "mae"))
+  random_features = probe_top1("probe_random", "")
+  assert trained > random_features + 0.05, (trained, random_features)
+  assert random_features > 0.2  # both well above chance (0.1): the probe itself works
