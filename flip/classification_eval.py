@@ -20,10 +20,8 @@ metrics into workdir's tensorboard events at the checkpoint's step.
 """
 
 import math
-import sys
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
-from absl import logging
 import flax
 from flax.linen import partitioning as nn_partitioning
 import jax
@@ -183,7 +181,6 @@ def run_eval_only(config: ml_collections.ConfigDict, workdir: str, task: Any = N
   A missing or misfitting checkpoint raises `checkpoints.CheckpointError`, unusable data
   `flip.evaluate.EvalError`; both are one line naming the path or data set.
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from flip import train  # pylint: disable=g-import-not-at-top
   ckpt_dir = evaluate.eval_checkpoint_dir(config, workdir)
   hook = ClassificationEval.from_config(config)
@@ -202,14 +199,7 @@ def run_eval_only(config: ml_collections.ConfigDict, workdir: str, task: Any = N
   metrics = hook.evaluate(
       task, place_host_tree(params, evaluate.params_mesh_axes(task, partitioner), partitioner),
       place_host_tree(mutables, mutables_mesh_axes(task, partitioner), partitioner))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  step = evaluate._checkpoint_step(ckpt_dir)  # pylint: disable=protected-access
-  writer.write_scalars(step, metrics)
-  writer.flush()
-  line = f"eval_only {ckpt_dir}: {evaluate.format_metrics(metrics)}"
-  logging.info("%s", line)
-  if jax.process_index() == 0:
-    print(line, file=sys.stdout, flush=True)
+  evaluate.report_eval_only(workdir, ckpt_dir, metrics)
   return metrics
 
 

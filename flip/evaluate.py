@@ -491,7 +491,6 @@ def run_eval_only(config: ml_collections.ConfigDict, workdir: str, task: Any = N
   checkpoint's step. A missing checkpoint raises `checkpoints.CheckpointError`, unusable data
   `EvalError`; both are one line naming the path or data set.
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from flip import train  # pylint: disable=g-import-not-at-top
   ckpt_dir = eval_checkpoint_dir(config, workdir)
   suite = EvalSuite(config, partitioner)
@@ -504,12 +503,18 @@ def run_eval_only(config: ml_collections.ConfigDict, workdir: str, task: Any = N
                                               posemb_grid=train.task_posemb_grid(task))
   evaluator = suite.evaluator(task)
   metrics = suite.evaluate(task, evaluator.place_params(params))
-  step = _checkpoint_step(ckpt_dir)
+  report_eval_only(workdir, ckpt_dir, metrics)
+  return metrics
+
+
+def report_eval_only(workdir: str, ckpt_dir: str, metrics: Metrics) -> None:
+  """An eval_only result: tensorboard scalars in `workdir` at the checkpoint's step, and one
+  `eval_only <checkpoint>: ...` line (logged; printed by process 0)."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_scalars(step, metrics)
+  writer.write_scalars(_checkpoint_step(ckpt_dir), metrics)
   writer.flush()
   line = f"eval_only {ckpt_dir}: {format_metrics(metrics)}"
   logging.info("%s", line)
   if jax.process_index() == 0:
     print(line, file=sys.stdout, flush=True)
-  return metrics

@@ -50,6 +50,14 @@ STDERR_NOISE = ("WARNING: All log messages", "cudart_stub", "cpu_feature_guard",
                 "cuInit", "cuda_platform", "absl::InitializeLog")
 
 
+def clean_stderr_lines(stderr: str) -> List[str]:
+  """stderr without TF/XLA start-up noise and C++/absl log lines (I/W/E/F + date), whatever
+  TF_CPP_MIN_LOG_LEVEL says: what main.py itself printed."""
+  return [line for line in stderr.splitlines()
+          if line.strip() and not any(n in line for n in STDERR_NOISE)
+          and not re.match(r"^[IWEF]\d{4} ", line)]
+
+
 def demo_args(workdir: str, train_dir: str, num_steps: int, checkpoint_every: int,
               keep: int = 2, extra: Sequence[str] = ()) -> List[str]:
   """main.py arguments: the demo config at smoke size, every step logged."""
@@ -136,10 +144,7 @@ class MainProcess:
       return f.read()
 
   def stderr_lines(self) -> List[str]:
-    """stderr without TF/XLA start-up noise and absl log lines (I/W/E + date)."""
-    return [line for line in self.stderr.splitlines()
-            if line.strip() and not any(n in line for n in STDERR_NOISE)
-            and not re.match(r"^[IWEF]\d{4} ", line)]
+    return clean_stderr_lines(self.stderr)
 
 
 def run_main(args: Sequence[str], env: Mapping[str, str], stderr_path: str,

@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported), TF kept off any GPU,
-and the `slow` marker gated behind FLIP_SLOW_TESTS=1."""
+`scripts/` importable (the reliability harness runs main.py for the subprocess tests), and the
+`slow` marker gated behind FLIP_SLOW_TESTS=1."""
 
 import os
 
@@ -10,10 +11,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib
+import sys
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
 SHARED_DIR = REPO_ROOT.parent / "shared"
 FASHION_MNIST_DIR = pathlib.Path(
     os.environ.get("FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))

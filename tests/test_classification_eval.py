@@ -36,6 +36,7 @@ from flip import evaluate
 from flip import mae_tasks
 from flip import train
 from flip.models import classifier as classifier_lib
+import reliability_harness as harness  # scripts/, on the path from conftest.py
 import train_utils
 
 tf.config.set_visible_devices([], "GPU")
@@ -268,9 +269,7 @@ def test_main_refuses_mae_eval_only_in_one_line_with_exit_status_2(tmp_path):
        f"--config={MAE_SMOKE}", "--config.eval_only=True"],
       cwd=train_utils.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
-  # What TF/XLA print at start-up: C++ log lines ("I0000 00:00:...") and absl's notice about them.
-  lines = [l for l in result.stderr.splitlines() if l.strip() and not re.match(r"[IWEF]\d{4} ", l)
-           and not l.startswith("WARNING: All log messages")]
+  lines = harness.clean_stderr_lines(result.stderr)
   assert len(lines) == 1, lines
   assert "task 'mae' has no eval_only evaluation" in lines[0]
   assert "python -m flip.visualize" in lines[0]

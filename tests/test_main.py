@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from flip.data import demo
+import reliability_harness as harness  # scripts/, on the path from conftest.py
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_STEPS = 4
@@ -29,16 +30,8 @@ def run_main(*args, timeout=600):
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
-# TF/XLA's C++ log lines (e.g. oneDNN's notice), printed whatever TF_CPP_MIN_LOG_LEVEL says.
-CPP_LOG_LINE = re.compile(r"^[IWEF]\d{4} ")
-
-
 def stderr_lines(result):
-  """stderr without the noise TF/XLA print at start-up."""
-  noise = ("WARNING: All log messages", "cudart_stub", "cpu_feature_guard", "To enable the",
-           "cuInit", "cuda_platform")
-  return [l for l in result.stderr.splitlines()
-          if l.strip() and not any(n in l for n in noise) and not CPP_LOG_LINE.match(l)]
+  return harness.clean_stderr_lines(result.stderr)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from typing import Dict, List, Sequence, Tuple
@@ -38,6 +37,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import reliability_harness as harness  # scripts/, on the path from conftest.py
 import train_utils
 from flip import config as config_lib
 from flip import train
@@ -45,8 +45,6 @@ from flip.data import demo
 from flip.data import laion
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import reliability_harness as harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Model sizes, both on the demo data: "tiny" (train_utils' one-block towers and large lr, the
 # quicker compile; the text tower keeps BERT's vocabulary, the data's token ids) for the default
