@@ -5,9 +5,9 @@ random (the baseline a trained encoder must beat).
 The probe is the recipe's (frozen encoder, BatchNorm without affine, linear head, no weight decay,
 no mixing or erasing) but with SGD + momentum instead of LARS: LARS moves the head's kernel by at
 most lr x trust coefficient (1e-3) x its norm per step, which MAE's ~7,000 steps (90 epochs at
-batch 16384) add up and a one-epoch demo does not; at an lr large enough to make up for it the
-head's norm runs away (docs/MAE.md has the measurements). `--config.opt_type=lars
---config.learning_rate=...` runs the LARS probe.
+batch 16384) add up and a one-epoch demo does not. Measured on the demo encoder (docs/MAE.md):
+LARS at lr 0.1 12.5 % held-out top-1, at lr 10 63.6 %, this SGD probe 68.1 %.
+`--config.opt_type=lars --config.learning_rate=...` runs the LARS probe.
 """
 
 from configs import cfg_linprobe_base
