@@ -4,4 +4,7 @@ The package is a library (models, losses, partitioning, optimisation, data, eval
 one training loop (`flip.train`) and the absl entry point `main.py` at the repository root.
 """
 
+# Before anything else starts threads: see flip/host_memory.py (opt out: FLIP_KEEP_FREED_MEMORY=0).
+from flip import host_memory  # pylint: disable=unused-import
+
 __version__ = "0.1.0"

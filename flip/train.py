@@ -204,9 +204,15 @@ def index_schedules_by_step(state):
 
 
 def _all_finite(tree) -> jax.Array:
-  checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+  """True if no floating leaf of `tree` holds an inf or a NaN.
+
+  x * 0 is 0 for every finite x and NaN for inf and NaN, so each leaf's sum of x * 0 is 0 or NaN
+  (it cannot overflow, unlike a sum of x): one fused multiply-reduce per leaf, where
+  `all(isfinite(x))` makes XLA's CPU backend write a boolean array and reduce it in two passes.
+  """
+  probes = [jnp.sum(leaf * 0, dtype=jnp.float32) for leaf in jax.tree.leaves(tree)
             if jnp.issubdtype(leaf.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+  return jnp.isfinite(jnp.sum(jnp.stack(probes))) if probes else jnp.asarray(True)
 
 
 def _batch_mesh_axes(task, partitioner) -> Dict[str, Any]:
@@ -271,7 +277,11 @@ class Trainer:
     state = index_schedules_by_step(state)
     new_state = state.apply_gradient(grads, learning_rate=None, flax_mutables=mutables)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_state)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    # A conditional, not a select per leaf: XLA fuses the scalar `finite` (a chain over every
+    # leaf's probe) into each consumer, so a select per leaf copies the whole chain into every
+    # leaf's fusion: quadratic in the number of leaves (the side-by-side model's step took ~5 min
+    # and 12.7 GB to compile). A conditional evaluates `finite` once.
+    new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
     new_state = new_state.replace_step(state.step + 1)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    nonfinite=jnp.logical_not(finite).astype(jnp.int32))

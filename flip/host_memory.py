@@ -1,0 +1,50 @@
+"""How the host C allocator treats the large buffers XLA's CPU backend allocates every step.
+
+XLA's CPU runtime allocates each execution's temporaries (activations, gradients: ~1 GB for the
+side-by-side model's train step) as one block with `malloc` from one of its worker threads and
+frees it when the step ends. With glibc's defaults such a block is served by a fresh `mmap` (it is
+above the mmap threshold, and a worker thread's arena cannot hold it) and unmapped at `free`, so
+every step faults the whole block in again page by page: ~280,000 page faults and 0.6–0.9 s of
+kernel time per step of the 9-layer side-by-side model, a quarter of its wall time on 2 cores
+(docs/BENCHMARKS.md, "Host allocator").
+
+`keep_freed_memory` makes glibc keep such blocks: every thread allocates from the main arena, which
+grows with `brk` and has no size limit per block, nothing is served by `mmap`, and freed memory at
+the top of the heap is never returned to the kernel. The next step reuses the same, already mapped
+pages. The price is that the process's resident size stays at its high-water mark, which a
+training process reaches at every step anyway.
+
+It is applied when `flip` is imported (before JAX's or TensorFlow's threads create their own
+arenas; arenas created earlier keep serving their threads), only on glibc, and not at all when the
+environment sets `FLIP_KEEP_FREED_MEMORY=0`. Other C libraries (macOS, musl) are left alone.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+OPT_OUT_ENV = "FLIP_KEEP_FREED_MEMORY"
+
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+# mallopt takes an int; glibc stores the trim threshold as size_t, so -1 means "never trim".
+_NEVER_TRIM = -1
+
+
+def keep_freed_memory() -> bool:
+  """Tunes glibc's malloc as the module docstring says; True if it was applied."""
+  if os.environ.get(OPT_OUT_ENV, "1") == "0":
+    return False
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
+  # mallopt returns 1 on success and 0 on failure.
+  return all(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1
+             for param, value in settings)
+
+
+APPLIED = keep_freed_memory()
