@@ -12,7 +12,11 @@ with respect to every weight and the input. Variants (the first is the reference
   gelu_vjp     - `before` with `gelu_with_vjp` below (hand-written VJP reusing the forward's CDF);
   layers_now   - the real `layers.Encoder` as it is now (the choices that stayed: length-major
                  attention, `layers.layer_norm`, autodiff exact GELU);
-  tanh_gelu    - `layers_now` with the tanh GELU (an extra row: not open_clip's exact GELU).
+  tanh_gelu    - `layers_now` with the tanh GELU (an extra row: not open_clip's exact GELU);
+  stack_inner  - `ln_vjp` with the fused projection's output as [batch, length, 3, heads, kv]
+                 (the row-major matmul result; `before` has the q/k/v index first);
+  split_qkv    - `ln_vjp` with three projections from slices of the fused kernel;
+  split_head_major - `split_qkv` with head-major [batch, heads, length, kv] outputs.
 All variants compute the same function (the tanh row excepted); the script checks the losses
 agree. Rounds alternate between variants; wall and process-CPU medians are printed.
 
@@ -36,7 +40,8 @@ import numpy as np
 
 from flip.models import layers
 
-VARIANTS = ("before", "head_major", "dot_product", "ln_vjp", "gelu_vjp", "layers_now", "tanh_gelu")
+VARIANTS = ("before", "head_major", "dot_product", "ln_vjp", "gelu_vjp", "layers_now", "tanh_gelu",
+            "stack_inner", "split_qkv", "split_head_major")
 SBS = bench_utils.SBS_MODEL
 
 
@@ -104,12 +109,43 @@ def attention_dot_product(p, y, head_dim):
   return jnp.einsum("blhk,hkd->bld", out, p["out_kernel"]) + p["out_bias"]
 
 
+def attention_stack_inner(p, y, head_dim):
+  # q/k/v index after the length axis: the fused projection's output [b, l, 3, h, k] is the
+  # row-major [b*l, 3*h*k] matmul result itself, and so is its gradient.
+  qkv = jnp.einsum("bld,dshk->blshk", y, p["qkv_kernel"]) + p["qkv_bias"]
+  query = qkv[:, :, 0] * head_dim ** -0.5
+  weights = jax.nn.softmax(jnp.einsum("bqhk,bthk->bhqt", query, qkv[:, :, 1]), axis=-1)
+  out = jnp.einsum("bhqt,bthk->bqhk", weights, qkv[:, :, 2])
+  return jnp.einsum("blhk,hkd->bld", out, p["out_kernel"]) + p["out_bias"]
+
+
+def attention_split_qkv(p, y, head_dim):
+  # Three projections from slices of the fused kernel, each output in its natural layout.
+  q, k, v = (jnp.einsum("bld,dhk->blhk", y, p["qkv_kernel"][:, i]) + p["qkv_bias"][i]
+             for i in range(3))
+  weights = jax.nn.softmax(jnp.einsum("bqhk,bthk->bhqt", q * head_dim ** -0.5, k), axis=-1)
+  out = jnp.einsum("bhqt,bthk->bqhk", weights, v)
+  return jnp.einsum("blhk,hkd->bld", out, p["out_kernel"]) + p["out_bias"]
+
+
+def attention_split_head_major(p, y, head_dim):
+  q, k, v = (jnp.einsum("bld,dhk->bhlk", y, p["qkv_kernel"][:, i])
+             + p["qkv_bias"][i][None, :, None] for i in range(3))
+  weights = jax.nn.softmax(jnp.einsum("bhqk,bhtk->bhqt", q * head_dim ** -0.5, k), axis=-1)
+  out = jnp.einsum("bhqt,bhtk->bhqk", weights, v)
+  return jnp.einsum("bhlk,hkd->bld", out, p["out_kernel"]) + p["out_bias"]
+
+
 PURE_VARIANTS = {
     "before": (attention_length_major, autodiff_layer_norm, lambda h: jax.nn.gelu(h, False)),
     "head_major": (attention_head_major, autodiff_layer_norm, lambda h: jax.nn.gelu(h, False)),
     "dot_product": (attention_dot_product, autodiff_layer_norm, lambda h: jax.nn.gelu(h, False)),
     "ln_vjp": (attention_length_major, layers.layer_norm, lambda h: jax.nn.gelu(h, False)),
     "gelu_vjp": (attention_length_major, autodiff_layer_norm, gelu_with_vjp),
+    "stack_inner": (attention_stack_inner, layers.layer_norm, lambda h: jax.nn.gelu(h, False)),
+    "split_qkv": (attention_split_qkv, layers.layer_norm, lambda h: jax.nn.gelu(h, False)),
+    "split_head_major": (attention_split_head_major, layers.layer_norm,
+                         lambda h: jax.nn.gelu(h, False)),
 }
 
 

@@ -15,13 +15,19 @@ where we keep round(49 x (1 - r)) (24 vs 25 at r = 0.5: the table prints each si
 Equivalence: open_clip's weights are copied once into our parameter tree and both sides' normalised
 image and text features (eval mode, unmasked) must agree within `FEATURE_TOLERANCE`.
 
-Timing: both frameworks run in this one process, one at a time: all of ours (every ratio), then all
-of open_clip's, repeated `--rounds` times (default 2), each step timed after a warm-up step; torch
-gets `--threads` intra-op threads (XLA's CPU pool uses every core). Prints per ratio the median
-images/s of each side, ours / open_clip (goal >= 1.2), each side's achieved GFLOP/s and the
-ratio of process CPU seconds per step (a load-independent second reading; torch's OpenMP threads
-spin while they wait, which counts against it there), then the same for image inference
-(unmasked image embeddings, no gradient).
+Timing: each framework runs in a process of its own (this script again, with `--worker ours` or
+`--worker open_clip`), one at a time, alternating: ours, open_clip, ours, open_clip for the default
+`--rounds 2`. A worker builds only its side, runs two warm-up rounds over the ratios (the first
+compiles; the second lets the C heap settle at its working size), then times `--steps` steps per
+ratio, alternating ratios, then the image inference batches. Separate processes because that is
+how either is used, and because in one process the two frameworks' allocations share a heap and
+their idle thread pools share the two cores (measured 2026-12-02: our unmasked step ran at 19.6
+img/s next to torch in one process against 24.3 img/s alone). torch gets `--threads` intra-op
+threads (XLA's CPU pool uses every core). Prints per ratio the median images/s of each side, ours
+/ open_clip (goal >= 1.2), each side's achieved GFLOP/s and the ratio of process CPU seconds per
+step (a load-independent second reading; torch's OpenMP threads spin while they wait, which
+counts against it there), then the same for image inference (unmasked image embeddings, no
+gradient). The equivalence check runs in this process, before the workers.
 
 torchvision: the only wheel on the index is a CUDA build whose import fails against CPU torch;
 open_clip imports it only for its data transforms, so `stub_torchvision` puts inert placeholder
@@ -32,7 +38,9 @@ Usage: python bench/openclip_side_by_side.py [--ratios 0 0.5 0.75] [--rounds 2] 
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import types
 
@@ -53,6 +61,8 @@ from flip.models import vit as vit_lib
 
 GOAL_SPEED_RATIO = 1.2  # issue 13: ours >= 1.2 x open_clip's images/s, training and inference
 FEATURE_TOLERANCE = 1e-5  # issue 13: features within 1e-5 after copying the weights
+SIDES = ("ours", "open_clip")
+RESULT_PREFIX = "WORKER_RESULT "
 TORCHVISION_MODULES = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
                        "torchvision.transforms.v2", "torchvision.ops", "torchvision.ops.misc")
 
@@ -102,6 +112,8 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=2, help="timed steps per ratio per round")
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   parser.add_argument("--inference_batches", type=int, default=3)
+  parser.add_argument("--worker", choices=SIDES, default=None,
+                      help="internal: time one side in this process and print its times")
   return parser.parse_args(argv)
 
 
@@ -254,16 +266,95 @@ def openclip_step_flops(dims: flops.FlipDims, batch: int, ratio: float) -> int:
   return flops.train_step_flops(dims, batch, equivalent_ratio if ratio > 0 else 0.0)
 
 
-def run(args) -> dict:
-  stub_torchvision()
-  import torch
-  from open_clip import transformer as openclip_transformer
-  bench_utils.print_header(f"side by side with open_clip, model {args.model}")
+def _time_side(fns: dict, steps: int) -> tuple:
+  """Warm-up rounds, then `steps` timed calls per function, alternating: (wall, cpu) per name."""
+  for _ in range(2):  # compile, then settle the heap (see the module docstring)
+    for fn in fns.values():
+      fn()
+  cpu = {}
+  wall = bench_utils.time_alternating(fns, rounds=1, steps_per_round=steps, warmup=0,
+                                      cpu_times=cpu)
+  return wall, cpu
+
+
+def run_worker(args) -> dict:
+  """One side's train steps at every ratio and its inference batches, timed in this process."""
   runners = {r: bench_utils.StepRunner(model_config(args.model, r)) for r in args.ratios}
   first = runners[args.ratios[0]]
-  config, batch_np = first.config, first.batch
-  model, optimizer, clip_loss = build_openclip(config, args.threads)
+  batch_np = first.batch
+  if args.worker == "ours":
+    holder = {"state": first.init_state()}
+
+    def jax_step(runner):
+      def fn():
+        holder["state"] = runner.step(holder["state"])
+      return fn
+
+    train_fns = {r: jax_step(runners[r]) for r in args.ratios}
+    encode = jax.jit(first.task.encode_image)
+    images_j = jnp.asarray(batch_np["image"])
+
+    def infer():
+      # The state's own parameters: a train step donates the previous state's buffers.
+      jax.block_until_ready(encode(holder["state"].params, images_j))
+  else:
+    stub_torchvision()
+    import torch
+    from open_clip import transformer as openclip_transformer
+    model, optimizer, clip_loss = build_openclip(first.config, args.threads)
+    images_t = torch_images(batch_np["image"])
+    tokens_t = torch.from_numpy(batch_np["txt"].astype(np.int64))
+
+    def torch_step(ratio):
+      def fn():
+        model.visual.patch_dropout = (openclip_transformer.PatchDropout(ratio) if ratio > 0
+                                      else torch.nn.Identity())
+        optimizer.zero_grad(set_to_none=True)
+        image_features, text_features, logit_scale = model(images_t, tokens_t)[:3]
+        loss = clip_loss(image_features, text_features, logit_scale)
+        loss.backward()
+        optimizer.step()
+      return fn
+
+    train_fns = {r: torch_step(r) for r in args.ratios}
+
+    def infer():
+      model.eval()
+      with torch.no_grad():
+        model.encode_image(images_t, normalize=True)
+      model.train()
+
+  wall, cpu = _time_side(train_fns, args.steps)
+  infer_wall, _ = _time_side({"inference": infer}, args.inference_batches)
+  result = dict(train={str(r): wall[r] for r in args.ratios},
+                train_cpu={str(r): cpu[r] for r in args.ratios},
+                inference=infer_wall["inference"])
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+  return result
+
+
+def _run_worker_process(args, side: str) -> dict:
+  command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model", args.model,
+             "--ratios", *[str(r) for r in args.ratios], "--steps", str(args.steps),
+             "--threads", str(args.threads), "--inference_batches", str(args.inference_batches)]
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  lines = [l for l in done.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+  if done.returncode != 0 or not lines:
+    raise RuntimeError(f"the {side} worker failed (exit {done.returncode}): "
+                       f"{done.stderr.strip().splitlines()[-1:]}")
+  return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def run(args) -> dict:
+  if args.worker:
+    return run_worker(args)
+  stub_torchvision()
   import open_clip
+  import torch
+  bench_utils.print_header(f"side by side with open_clip, model {args.model}")
+  first = bench_utils.StepRunner(model_config(args.model, args.ratios[0]))
+  config, batch_np = first.config, first.batch
+  model, _, _ = build_openclip(config, args.threads)
   ours_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       jax.eval_shape(first.task.init_variables, jax.random.PRNGKey(0))["params"]))
   theirs_count = sum(p.numel() for p in model.parameters())
@@ -272,46 +363,24 @@ def run(args) -> dict:
   img_diff, txt_diff = check_features(first, model, batch_np["image"], batch_np["txt"])
   print(f"features with open_clip's weights copied into ours: max |diff| image {img_diff:.2e}, "
         f"text {txt_diff:.2e} (tolerance {FEATURE_TOLERANCE:.0e}: "
-        f"{'ok' if max(img_diff, txt_diff) <= FEATURE_TOLERANCE else 'EXCEEDED'})")
+        f"{'ok' if max(img_diff, txt_diff) <= FEATURE_TOLERANCE else 'EXCEEDED'})", flush=True)
+  del model
 
-  images_t = torch_images(batch_np["image"])
-  tokens_t = torch.from_numpy(batch_np["txt"].astype(np.int64))
-  batch = config.batch_size
-
-  def torch_step(ratio):
-    def fn():
-      model.visual.patch_dropout = (openclip_transformer.PatchDropout(ratio) if ratio > 0
-                                    else torch.nn.Identity())
-      optimizer.zero_grad(set_to_none=True)
-      image_features, text_features, logit_scale = model(images_t, tokens_t)[:3]
-      loss = clip_loss(image_features, text_features, logit_scale)
-      loss.backward()
-      optimizer.step()
-    return fn
-
-  holder = {"state": first.init_state()}
-
-  def jax_step(runner):
-    def fn():
-      holder["state"] = runner.step(holder["state"])
-    return fn
-
-  ours_fns = {r: jax_step(runners[r]) for r in args.ratios}
-  theirs_fns = {r: torch_step(r) for r in args.ratios}
-  times = {("ours", r): [] for r in args.ratios} | {("open_clip", r): [] for r in args.ratios}
+  times = {(side, r): [] for side in SIDES for r in args.ratios}
   cpu = {key: [] for key in times}
-  for round_index in range(args.rounds):
-    for side, fns in (("ours", ours_fns), ("open_clip", theirs_fns)):
-      got_cpu = {}
-      got = bench_utils.time_alternating(fns, rounds=1, steps_per_round=args.steps,
-                                         warmup=1 if round_index == 0 else 0, cpu_times=got_cpu)
+  infer = {side: [] for side in SIDES}
+  for _ in range(args.rounds):
+    for side in SIDES:
+      got = _run_worker_process(args, side)
       for r in args.ratios:
-        times[(side, r)] += got[r]
-        cpu[(side, r)] += got_cpu[r]
+        times[(side, r)] += got["train"][str(r)]
+        cpu[(side, r)] += got["train_cpu"][str(r)]
+      infer[side] += got["inference"]
 
+  batch = config.batch_size
   dims = flops.dims_from_config(config)
-  print(f"training step, batch {batch}, fp32; {args.rounds} rounds x {args.steps} steps per "
-        "ratio per side; img/s from the median step")
+  print(f"training step, batch {batch}, fp32; {args.rounds} rounds (one process per side per "
+        f"round) x {args.steps} steps per ratio; img/s from the median step")
   print(f"{'mask':>5} {'ours img/s':>10} {'open_clip img/s':>15} {'ours/open_clip':>14} goal "
         f"{'ours GFLOP/s':>12} {'open_clip GFLOP/s':>17} {'cpu-time ratio':>14}")
   results = {}
@@ -327,28 +396,6 @@ def run(args) -> dict:
           f"{flops.train_step_flops(dims, batch, r) / ours_t / 1e9:>12.1f} "
           f"{openclip_step_flops(dims, batch, r) / theirs_t / 1e9:>17.1f} {cpu_ratio:>14.2f}")
 
-  # Inference: unmasked image embeddings, no gradient.
-  template = jax.eval_shape(first.task.init_variables, jax.random.PRNGKey(0))["params"]
-  params = openclip_to_flip_params(model.state_dict(), template)
-  encode = jax.jit(first.task.encode_image)
-  images_j = jnp.asarray(batch_np["image"])
-
-  def ours_infer():
-    jax.block_until_ready(encode(params, images_j))
-
-  def theirs_infer():
-    model.eval()
-    with torch.no_grad():
-      model.encode_image(images_t, normalize=True)
-
-  infer = {"ours": [], "open_clip": []}
-  for round_index in range(args.rounds):
-    for side, fn in (("ours", ours_infer), ("open_clip", theirs_infer)):
-      got = bench_utils.time_alternating({side: fn}, rounds=1,
-                                         steps_per_round=args.inference_batches,
-                                         warmup=1 if round_index == 0 else 0)
-      infer[side] += got[side]
-  model.train()
   ours_rate = batch / bench_utils.median(infer["ours"])
   theirs_rate = batch / bench_utils.median(infer["open_clip"])
   gflop = flops.image_inference_flops(dims, batch) / 1e9

@@ -1,10 +1,11 @@
 """Runs every benchmark (`make bench`), each script in its own process, and prints their tables.
 
 Full run: the side-by-side model of docs/BENCHMARKS.md (masking speedup, open_clip comparison,
-MFU, memory on 8 simulated devices, scaling plan with its small-scale check), the loss-memory
-and input-pipeline benchmarks. `--quick`: the same scripts on the tiny/demo presets with one round
-each (minutes, for checking that everything runs; its numbers mean little). A script that fails
-is reported and the others still run; the exit status is non-zero if any failed.
+MFU, the step profile (compile time, page faults), memory on 8 simulated devices, scaling plan
+with its small-scale check), the loss-memory and input-pipeline benchmarks. `--quick`: the same
+scripts on the tiny/demo presets with one round each (minutes, for checking that everything runs;
+its numbers mean little). A script that fails is reported and the others still run; the exit
+status is non-zero if any failed.
 
 Usage: python bench/run_all.py [--quick] [--only masking_speedup mfu ...]
 """
@@ -22,6 +23,7 @@ FULL = {
     "masking_speedup": ["--model", "sbs"],
     "openclip_side_by_side": ["--model", "sbs"],
     "mfu": ["--model", "sbs"],
+    "step_profile": ["--model", "sbs", "--cache"],
     "memory": ["--model", "sbs"],
     "scaling_plan": ["--check_model", "sbs"],
     "loss_memory": [],
@@ -32,6 +34,7 @@ QUICK = {
     "openclip_side_by_side": ["--model", "tiny", "--rounds", "1", "--steps", "1",
                               "--inference_batches", "1"],
     "mfu": ["--model", "demo", "--matmuls", "3", "--rounds", "1"],
+    "step_profile": ["--model", "tiny", "--steps", "2"],
     "memory": ["--model", "tiny", "--steps", "0"],
     "scaling_plan": ["--check_model", "tiny"],
     "loss_memory": ["--batch", "1024"],

@@ -8,8 +8,8 @@ An analytic model of one data-parallel (x model-parallel) train step per device:
 - AdamW moments: two float32 copies; with `partition_states` the rank >= 2 ones are also divided
   by the data-parallel size (FLIP's ZeRO-1 meaning, flip.partitioning);
 - the non-finite guard of `flip.train` (the update is kept only if the whole new state is
-  finite): the new state is materialised next to the donated old one before the select, one more
-  copy of parameters + moments;
+  finite): the new state is materialised next to the donated old one before the conditional
+  that keeps one of them, one more copy of parameters + moments;
 - activations kept for the backward pass, per example and per block (T tokens, width D, MLP M,
   H heads; float32 unless `--dtype_bytes`), by remat policy:
     none:  ACT_NONE = 8 TD + 2 TM + 2 H T^2  (LayerNorm inputs/outputs, q, k, v, attention output,

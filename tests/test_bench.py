@@ -162,6 +162,13 @@ def test_memory_and_scaling_check_smoke(capsys):
 
 
 @pytest.mark.slow
+def test_step_profile_smoke(capsys):
+  results = _bench("step_profile").main(["--model", "tiny", "--steps", "2"])
+  assert len(results["steps"]) == 2 and results["median_step"] > 0
+  assert "page faults" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_openclip_side_by_side_smoke(capsys):
   pytest.importorskip("torch")
   module = _bench("openclip_side_by_side")

@@ -16,7 +16,9 @@ Decisions where FLIP/ViT are silent or differ between codebases:
   instead of what autodiff derives from the forward graph (12 % less CPU time for a
   forward + backward of two blocks in bench/block_variants.py; docs/BENCHMARKS.md). Measured in
   the same runs and not kept, for lack of a gain on CPU: head-major q/k/v, the XLA
-  `jax.nn.dot_product_attention` path, and a hand-written VJP for the exact GELU;
+  `jax.nn.dot_product_attention` path, and a hand-written VJP for the exact GELU; later the q/k/v
+  index after the length axis and three separate projections (within 1 %: XLA's layout
+  assignment makes them the same program);
 - attention logits and softmax are computed in float32 whatever the compute dtype;
 - padding is masked with the most negative finite float (not -inf) so a row can never be all -inf;
 - `remat_policy`: "none" keeps every activation; "full" recomputes a whole block in the backward
