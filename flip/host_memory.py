@@ -1,12 +1,12 @@
 """How the host C allocator treats the large buffers XLA's CPU backend allocates every step.
 
-XLA's CPU runtime allocates each execution's temporaries (activations, gradients: ~1 GB for the
+XLA's CPU runtime allocates each execution's temporaries (activations, gradients: ~2 GB for the
 side-by-side model's train step) as one block with `malloc` from one of its worker threads and
 frees it when the step ends. With glibc's defaults such a block is served by a fresh `mmap` (it is
 above the mmap threshold, and a worker thread's arena cannot hold it) and unmapped at `free`, so
-every step faults the whole block in again page by page: ~280,000 page faults and 0.6–0.9 s of
-kernel time per step of the 9-layer side-by-side model, a quarter of its wall time on 2 cores
-(docs/BENCHMARKS.md, "Host allocator").
+every step faults the whole block in again page by page: ~532,000 page faults and ~0.9 s of
+kernel time per step of the side-by-side model, whose step is 12 % faster without them (27 % for
+a 9-layer version; docs/BENCHMARKS.md, "Host allocator and the non-finite guard").
 
 `keep_freed_memory` makes glibc keep such blocks: every thread allocates from the main arena, which
 grows with `brk` and has no size limit per block, nothing is served by `mmap`, and freed memory at
