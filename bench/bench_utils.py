@@ -120,14 +120,15 @@ def time_alternating(step_fns: Dict[str, Callable[[], Any]], rounds: int,
                      ) -> Dict[str, List[float]]:
   """Wall seconds per call of each zero-argument function, run in alternating rounds.
 
-  Each function must block until its work is done. `warmup` untimed calls of each come first
-  (compilation), in the same order. When `cpu_times` is given, the process CPU seconds of each
+  Each function must block until its work is done. `warmup` untimed rounds over all functions
+  come first, in the same order (the first compiles; a second lets the C heap settle at the
+  working size of every function, which calling one function twice in a row would not). When `cpu_times` is given, the process CPU seconds of each
   call are appended to `cpu_times[name]` too: on a machine shared with other jobs, CPU time
   counts only this process's work (threads spinning while they wait included), so its ratios are
   a second, load-independent reading next to the wall-clock ones.
   """
-  for fn in step_fns.values():
-    for _ in range(warmup):
+  for _ in range(warmup):
+    for fn in step_fns.values():
       fn()
   times = {name: [] for name in step_fns}
   for _ in range(rounds):

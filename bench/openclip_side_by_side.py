@@ -267,12 +267,9 @@ def openclip_step_flops(dims: flops.FlipDims, batch: int, ratio: float) -> int:
 
 
 def _time_side(fns: dict, steps: int) -> tuple:
-  """Warm-up rounds, then `steps` timed calls per function, alternating: (wall, cpu) per name."""
-  for _ in range(2):  # compile, then settle the heap (see the module docstring)
-    for fn in fns.values():
-      fn()
+  """Two warm-up rounds, then `steps` timed calls per function: (wall, cpu) per name."""
   cpu = {}
-  wall = bench_utils.time_alternating(fns, rounds=1, steps_per_round=steps, warmup=0,
+  wall = bench_utils.time_alternating(fns, rounds=1, steps_per_round=steps, warmup=2,
                                       cpu_times=cpu)
   return wall, cpu
 

@@ -9,7 +9,8 @@ and `cfg_finetune_demo.py` probe and fine-tune the result (their encoder keys co
 
 Why these numbers: 16 patches instead of 49 make a step much cheaper (the demo runs at ~11 steps/s
 on 2 cores, docs/MAE.md), so the demo gets more updates for the same wall time; short runs learn
-more from more, smaller batches (128, not MAE's 4096). The base lr is 10x MAE's 1.5e-4: a small model trained for two epochs instead of 800.
+more from more, smaller batches (128, not MAE's 4096). The base lr is 10x MAE's 1.5e-4: a small
+model trained for two epochs instead of 800.
 """
 
 from configs import cfg_mae_base
