@@ -293,13 +293,19 @@ def find_checkpoint_dir(path: str) -> str:
   return checkpoint_dir(path, step)
 
 
-def load_params_tree(path: str) -> Dict[str, Any]:
-  """The `target` (parameters) of a t5x checkpoint as nested dicts of numpy arrays."""
+def load_state_tree(path: str) -> Dict[str, Any]:
+  """Everything a t5x checkpoint holds (`target` parameters, `flax_mutables`, optimizer state)
+  as nested dicts of numpy arrays."""
   ckpt_dir = find_checkpoint_dir(path)
   contents = t5x_checkpoints.load_t5x_checkpoint(ckpt_dir)
   if "target" not in contents:
     raise CheckpointError(f"{ckpt_dir} holds no parameters ('target' missing)")
-  return jax.tree.map(np.asarray, contents["target"])
+  return jax.tree.map(np.asarray, contents)
+
+
+def load_params_tree(path: str) -> Dict[str, Any]:
+  """The `target` (parameters) of a t5x checkpoint as nested dicts of numpy arrays."""
+  return load_state_tree(path)["target"]
 
 
 def resize_learned_posemb(posemb: np.ndarray, new_grid: Tuple[int, int]) -> np.ndarray:

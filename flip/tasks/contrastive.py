@@ -1,19 +1,5 @@
-"""Task objects: what the one training loop (`flip.train`) needs to know about an objective.
-
-A task owns its model, the layout of a batch (keys, dtypes, logical axes), variable
-initialisation, and the gradient computation for one optimizer step; the loop owns everything else
-(partitioning, optimizer, checkpoints, data, metrics). FLIP's contrastive task lives here; the MAE
-family (`flip.mae_tasks`) plugs in the same way and is registered by name in `LAZY_TASKS`. A run's
-task is `config.task` (or the gin binding `train.build_task.task_name`).
-
-The contract: `image_size`, `batch_logical_axes()`, `train_dataset(config, shard, num_shards,
-seed)`, `init_variables(rng)` and `compute_grads(params, batch, rng, accum_steps) -> (loss,
-metrics, grads)`. Optional, each used by the loop when present: `make_optimizer(config,
-start_step, start_epoch)` (a task's own optax chain, e.g. frozen parameters or layer-wise lr
-decay); `uses_flax_mutables = True` with `compute_grads(..., flax_mutables=...) -> (loss, metrics,
-grads, new_mutables)` (BatchNorm statistics, kept in the train state's `flax_mutables`);
-`load_pretrained_params(pretrain_dir, params_shapes)` returning the subset of parameters to load
-from `config.pretrain_dir`; `eval_hooks(workdir)` returning the task's own evaluation hooks.
+"""FLIP's contrastive image-text task: random patch dropping, InfoNCE (or SigLIP) loss,
+registered as "flip".
 
 Gradient accumulation for a contrastive loss. Summing micro-batch gradients of per-micro-batch
 losses would change the objective (fewer negatives per example). `FlipTask` instead computes the
@@ -26,48 +12,36 @@ once for the whole batch, so every example is masked identically either way; wit
 path (zero in FLIP's configs) the micro-batches draw different random numbers than the full batch.
 """
 
-import importlib
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flip import config as config_lib
 from flip import losses
 from flip import masking
 from flip.models import flip as flip_model_lib
+from flip.tasks import common
+from flip.tasks import registry
 
 Array = jax.Array
 Params = Mapping[str, Any]
 Metrics = Dict[str, Array]
 
-# Names of the rng streams every task's model may use.
-RNG_STREAMS = ("dropout", "droppath", "masking")
-
-
-def split_rngs(rng: Array) -> Dict[str, Array]:
-  return dict(zip(RNG_STREAMS, jax.random.split(rng, len(RNG_STREAMS))))
-
-
-def _to_microbatches(tree: Any, num: int) -> Any:
-  return jax.tree.map(lambda x: x.reshape((num, x.shape[0] // num) + x.shape[1:]), tree)
-
-
-class FlipTask:
+@registry.register_task("flip")
+class FlipTask(registry.Task):
   """Contrastive image-text pretraining with random patch dropping (FLIP)."""
 
   name = "flip"
+  capabilities = frozenset({registry.Capability.EMBEDS_IMAGE_TEXT})
 
   def __init__(self, config: Any):
-    self.config = config
-    self.model = flip_model_from_config(config)
-    self.image_size = config.image_size
+    super().__init__(config)
+    self.model = flip_model_lib.flip_model_from_config(config)
     self.max_len = config.aug.txt.max_len
     self.mask_ratio = config.model.model_img.mask_ratio
-    patch = tuple(config.model.model_img.patches.size)
-    self.num_patches = (self.image_size // patch[0]) * (self.image_size // patch[1])
+    self.num_patches = self.posemb_grid[0] * self.posemb_grid[1]
     self.loss_kind = config.model.clr.loss
 
   # --- batch layout ---------------------------------------------------------------------------
@@ -92,8 +66,8 @@ class FlipTask:
   def init_variables(self, rng: Array) -> flax.core.FrozenDict:
     """Parameters and their logical axes (`params_axes`), as t5x's train state wants them."""
     batch = self.dummy_batch(1)
-    variables = self.model.init(split_rngs(rng) | {"params": rng}, batch["image"], batch["txt"],
-                                train=False)
+    variables = self.model.init(common.split_rngs(rng) | {"params": rng}, batch["image"],
+                                batch["txt"], train=False)
     return flax.core.freeze(variables)
 
   # --- training -------------------------------------------------------------------------------
@@ -130,7 +104,7 @@ class FlipTask:
 
     def embed(p, images, tokens, mask_noise, step_rng):
       return self.model.apply({"params": p}, images, tokens, train=True, mask_noise=mask_noise,
-                              rngs=split_rngs(step_rng), method=self.model.embed)
+                              rngs=common.split_rngs(step_rng), method=self.model.embed)
 
     if accum_steps == 1:
       def loss_fn(p):
@@ -140,8 +114,8 @@ class FlipTask:
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       return loss, metrics, grads
 
-    micro = _to_microbatches({"image": batch["image"], "txt": batch["txt"], "noise": noise},
-                             accum_steps)
+    micro = common.to_microbatches(
+        {"image": batch["image"], "txt": batch["txt"], "noise": noise}, accum_steps)
     micro_rngs = jax.random.split(model_rng, accum_steps)
 
     def embed_micro(p, xs):
@@ -177,28 +151,3 @@ class FlipTask:
   def encode_text(self, params: Params, tokens: Array) -> Array:
     return self.model.apply({"params": params}, tokens, train=False,
                             method=self.model.encode_text)
-
-
-def flip_model_from_config(config: Any) -> flip_model_lib.FlipModel:
-  return flip_model_lib.flip_model_from_config(config)
-
-
-DEFAULT_TASK = "flip"
-TASKS: Dict[str, Callable[[Any], Any]] = {"flip": FlipTask}
-# Tasks defined in other modules, imported on first use ("module:attribute").
-LAZY_TASKS: Dict[str, str] = {
-    "mae": "flip.mae_tasks:MaeTask",
-    "linprobe": "flip.mae_tasks:LinearProbeTask",
-    "finetune": "flip.mae_tasks:FinetuneTask",
-}
-
-
-def get_task(config: Any, name: str = DEFAULT_TASK):
-  """The task registered under `name` (`config.task`, or gin through flip.train)."""
-  if name not in TASKS and name in LAZY_TASKS:
-    module_name, attribute = LAZY_TASKS[name].split(":")
-    TASKS[name] = getattr(importlib.import_module(module_name), attribute)
-  if name not in TASKS:
-    raise config_lib.ConfigError(
-        f"unknown task {name!r} (config.task); known: {sorted(set(TASKS) | set(LAZY_TASKS))}")
-  return TASKS[name](config)

@@ -1,0 +1,53 @@
+"""Pieces every task uses: named rng streams, micro-batch reshaping, and loading a checkpoint's
+top-level modules (a task's pretrained subset)."""
+
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+
+from flip import checkpoints
+from flip import config as config_lib
+
+Array = jax.Array
+
+# The image encoder's sub-tree: the same name in the FLIP, MAE and classifier models.
+ENCODER = "img_encoder"
+IMAGE_AXES = ("batch", None, None, None)
+
+# Names of the rng streams every task's model may use.
+RNG_STREAMS = ("dropout", "droppath", "masking")
+
+
+def split_rngs(rng: Array) -> Dict[str, Array]:
+  return dict(zip(RNG_STREAMS, jax.random.split(rng, len(RNG_STREAMS))))
+
+
+def to_microbatches(tree: Any, num: int) -> Any:
+  """Leading batch axis B -> [num, B / num, ...] on every leaf."""
+  return jax.tree.map(lambda x: x.reshape((num, x.shape[0] // num) + x.shape[1:]), tree)
+
+
+def load_modules(path: str, params_shapes: Mapping[str, Any], required: Sequence[str],
+                 optional: Sequence[str] = (),
+                 posemb_grid: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+  """The `required` (and present `optional`) top-level modules of a checkpoint's parameters,
+  checked against `params_shapes` (one-line CheckpointError naming the path or keys)."""
+  ckpt_dir = checkpoints.find_checkpoint_dir(path)
+  loaded = checkpoints.load_params_tree(ckpt_dir)
+  missing = [name for name in required if name not in loaded]
+  if missing:
+    raise checkpoints.CheckpointError(
+        f"{ckpt_dir} has no {', '.join(missing)} parameters (top-level modules: "
+        f"{', '.join(sorted(loaded))})")
+  names = list(required) + [name for name in optional if name in loaded]
+  return checkpoints.match_params({name: loaded[name] for name in names},
+                                  {name: params_shapes[name] for name in names},
+                                  posemb_grid=posemb_grid, source=ckpt_dir)
+
+
+def refuse_zeroshot(config: Any, task_name: str) -> None:
+  """Tasks without a text tower: a non-empty `config.eval_dataset` is refused in one line."""
+  if config.get("eval_dataset"):
+    raise config_lib.ConfigError(
+        f"config.eval_dataset={config.eval_dataset!r} asks for zero-shot evaluation, which needs "
+        f"a text tower; task {task_name!r} has none: set --config.eval_dataset=")
