@@ -3,10 +3,11 @@
 
 Masked pretraining, unmasked tuning (`--config.pretrain_dir`, `--config.model.model_img.mask_ratio=0`)
 and zero-shot evaluation (`--config.eval_only=True`) all go through here, as in FLIP, and so do the
-MAE family's tasks (`config.task`: mae, linprobe, finetune). `--config.eval_only=True` evaluates a
-checkpoint the way its task is evaluated during training (`eval_only_function`): zero-shot (and
-retrieval) for FLIP, top-1/top-5 on `config.data.eval` for a linear probe or a fine-tuned
-classifier; MAE has no such evaluation and is refused in one line. Configs hold
+MAE family's tasks (`config.task`: mae, linprobe, finetune). Training is `flip.train`, the only
+importer of the loop; `--config.eval_only=True` restores a checkpoint (`config.pretrain_dir`, else
+the newest in the workdir) and runs the evaluators of `config.evals` on it (`flip.evals`), the
+same ones training runs: zero-shot and retrieval for FLIP, held-out top-1/top-5 for a linear probe
+or a fine-tuned classifier, the reconstruction grid and held-out loss for MAE. Configs hold
 numbers (ml_collections, type-checked overrides); gin files wire components (partitioner class, axis
 rules, task). Configuration problems are refused before any compute with one line naming the key.
 Multi-process runs (several hosts, or several processes on one machine for testing) pass
@@ -26,7 +27,6 @@ Exit status (what a job scheduler or a retry loop sees; docs/RELIABILITY.md):
 
 import os
 import sys
-from typing import Any, Callable, Dict
 
 from absl import app
 from absl import flags
@@ -76,36 +76,6 @@ def _initialize_distributed():
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def eval_only_function(task: Any) -> Callable[..., Dict[str, float]]:
-  """What `--config.eval_only=True` runs for `task`, chosen by what the task computes.
-
-  Class logits (`logits`: linear probe, fine-tuning): `flip.classification_eval.run_eval_only`,
-  top-1/top-5 on `config.data.eval`. Image and text embeddings (`encode_image`, `encode_text`:
-  FLIP): `flip.evaluate.run_eval_only`, zero-shot classification and retrieval. Both are called as
-  `fn(config, workdir, task=task)`. Any other task (MAE) has nothing to score a checkpoint with and
-  is refused with a `ConfigError`, pointing at `flip.visualize` for a reconstruction task.
-  """
-  from flip import classification_eval  # pylint: disable=g-import-not-at-top (tf)
-  from flip import evaluate  # pylint: disable=g-import-not-at-top
-  if hasattr(task, "logits"):
-    return classification_eval.run_eval_only
-  if hasattr(task, "encode_image") and hasattr(task, "encode_text"):
-    return evaluate.run_eval_only
-  message = f"config.eval_only=True: task {task.name!r} has no eval_only evaluation"
-  if hasattr(task, "forward") and hasattr(task, "norm_pix_loss"):  # what flip.visualize accepts
-    message += ("; for a checkpoint's reconstruction grid and held-out reconstruction loss run "
-                "python -m flip.visualize --workdir=WORKDIR --config=CONFIG --out=GRID.png")
-  raise config_lib.ConfigError(message)
-
-
-def run_eval_only(config: Any, workdir: str) -> Dict[str, float]:
-  """`--config.eval_only=True`: the task's own evaluation of its checkpoint (`config.pretrain_dir`,
-  else the newest in `workdir`); see `eval_only_function`."""
-  from flip import train  # pylint: disable=g-import-not-at-top
-  task = train.build_task(config)
-  return eval_only_function(task)(config, workdir, task=task)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -123,8 +93,9 @@ def main(argv):
   # locked (the modules register gin configurables when imported).
   import gin  # pylint: disable=g-import-not-at-top
   from flip import checkpoints  # pylint: disable=g-import-not-at-top
-  from flip import evaluate  # pylint: disable=g-import-not-at-top
   from flip import train  # pylint: disable=g-import-not-at-top
+  from flip.evals import core as evals_core  # pylint: disable=g-import-not-at-top
+  from flip.evals import eval_only  # pylint: disable=g-import-not-at-top
   for path in _GIN_SEARCH_PATHS.value:
     gin.add_config_file_search_path(path)
   gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value, finalize_config=True)
@@ -132,16 +103,16 @@ def main(argv):
   _initialize_distributed()
   try:
     if config.eval_only:
-      run_eval_only(config, _WORKDIR.value)
+      eval_only.run_eval_only(config, _WORKDIR.value)
       return
-    result = train.train_and_evaluate(config, _WORKDIR.value,
-                                      eval_hooks=evaluate.eval_hooks(config))
+    result = train.train_and_evaluate(config, _WORKDIR.value)
   except config_lib.ConfigError as err:
     config_lib.exit_on_config_error(err)
   except FloatingPointError as err:  # train.NonFiniteError, or a non-finite state not saved
     print(f"error: {err}", file=sys.stderr)
     sys.exit(EXIT_NONFINITE)
-  except (checkpoints.CheckpointError, checkpoints.CheckpointWriteError, evaluate.EvalError) as err:
+  except (checkpoints.CheckpointError, checkpoints.CheckpointWriteError,
+          evals_core.EvalError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(EXIT_RUNTIME_ERROR)
   if result["preempted"]:

@@ -1,5 +1,5 @@
 """Shared pieces of the bench scripts: the benchmarked model sizes, the machine/version header,
-alternating timing, and building the real partitioned train step (`flip.train.Trainer`).
+alternating timing, and building the real partitioned train step (`flip.trainer.Trainer`).
 
 Model presets (all through FLIP's config keys, so the code under test is the training code):
 - `sbs`: the side-by-side model of docs/BENCHMARKS.md, the one compared with open_clip: ViT
@@ -152,7 +152,7 @@ def spread(values: Sequence[float]) -> str:
 
 
 class StepRunner:
-  """The real partitioned train step (`flip.train.Trainer`) of a config on a fixed random batch.
+  """The real partitioned train step (`flip.trainer.Trainer`) of a config on a fixed random batch.
 
   The train state is passed in and out (it is donated), so several runners of the same model (for
   instance different mask ratios) can share one state: `adopt` re-labels a state built by another
@@ -160,11 +160,12 @@ class StepRunner:
   """
 
   def __init__(self, config: Any, seed: int = 0):
-    from flip import train  # pylint: disable=g-import-not-at-top
+    from flip import builders  # pylint: disable=g-import-not-at-top
+    from flip import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
     self.config = config
-    self.task = train.build_task(config)
-    self.partitioner = train.build_partitioner(config.partitioning)
-    self.trainer = train.Trainer(config, self.task, self.partitioner, train.Progress())
+    self.task = builders.build_task(config)
+    self.partitioner = builders.build_partitioner(config.partitioning)
+    self.trainer = trainer_lib.Trainer(config, self.task, self.partitioner, trainer_lib.Progress())
     local_batch = config.batch_size // self.trainer.data_layout.num_shards
     rng = np.random.RandomState(seed)
     # Token ids from 1 (no padding): every caption has the full context length, as on both sides

@@ -87,10 +87,11 @@ def train_step_images_per_second(config, steps: int) -> float:
   """Images/s the partitioned train step of `config` consumes (after one compiling step)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from flip import train  # pylint: disable=g-import-not-at-top
-  task = train.build_task(config)
-  partitioner = train.build_partitioner(config.partitioning)
-  trainer = train.Trainer(config, task, partitioner, train.Progress())
+  from flip import builders  # pylint: disable=g-import-not-at-top
+  from flip import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  task = builders.build_task(config)
+  partitioner = builders.build_partitioner(config.partitioning)
+  trainer = trainer_lib.Trainer(config, task, partitioner, trainer_lib.Progress())
   state = trainer.init_state()
   layout = trainer.data_layout
   rng = np.random.RandomState(0)

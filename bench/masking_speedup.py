@@ -1,6 +1,6 @@
 """Train-step speedup from dropping image patches, against the analytic FLOP ratio.
 
-Times the real partitioned train step (`flip.train.Trainer`, AdamW, contrastive loss, state
+Times the real partitioned train step (`flip.trainer.Trainer`, AdamW, contrastive loss, state
 donated) of one model at several mask ratios, alternating between the ratios in rounds on one
 shared train state, and prints per ratio: kept image tokens, step FLOPs (`flip.flops`, fwd+bwd =
 3x forward matmul FLOPs), median step time, images/s, measured speedup over ratio 0, the FLOP

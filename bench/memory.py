@@ -1,7 +1,7 @@
 """Peak memory per device of the train step for remat none/full/actcp x partition_states off/on.
 
 On `--devices` simulated CPU devices (8 by default, data parallel), compiles the real partitioned
-train step (`flip.train.Trainer`, state donated) of a model preset for every combination and reads
+train step (`flip.trainer.Trainer`, state donated) of a model preset for every combination and reads
 XLA's memory analysis of the per-device program: arguments (train state + batch shard), temporaries
 (activations, gradients, workspace) and peak = arguments + outputs - donated aliases +
 temporaries. Ratios are to remat none without partition_states. With `--steps > 0` it also times
@@ -61,7 +61,7 @@ def compiled_memory(runner) -> dict:
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
            for k, v in runner.task.batch_spec(runner.config.batch_size).items()}
   # pylint: disable-next=protected-access  (the very step function `Trainer.train_step` runs)
-  compiled = trainer._p_train_step.lower(trainer.state_shape, batch).compile()
+  compiled = trainer.p_train_step.lower(trainer.state_shape, batch).compile()
   analysis = compiled.memory_analysis()
   out = dict(arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,
              aliased=analysis.alias_size_in_bytes, temporaries=analysis.temp_size_in_bytes)

@@ -96,8 +96,8 @@ def param_counts(config) -> tuple:
 
 def _count_params(config) -> tuple:
   import jax  # pylint: disable=g-import-not-at-top
-  from flip import tasks  # pylint: disable=g-import-not-at-top
-  params = jax.eval_shape(tasks.get_task(config).init_variables, jax.random.PRNGKey(0))["params"]
+  from flip import builders  # pylint: disable=g-import-not-at-top
+  params = jax.eval_shape(builders.build_task(config).init_variables, jax.random.PRNGKey(0))["params"]
   leaves = jax.tree.leaves(params)
   total = sum(int(x.size) for x in leaves)
   matrices = sum(int(x.size) for x in leaves if len(x.shape) >= 2)

@@ -16,7 +16,7 @@ IMAGENET_TRAIN_SAMPLES = 1281167  # one "virtual ImageNet epoch" (FLIP)
 
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
-  # ours: the task (flip.tasks): flip | mae | linprobe | finetune (MAE family: docs/MAE.md)
+  # ours: the task (flip.tasks.registry): flip | mae | linprobe | finetune (MAE family: docs/MAE.md)
   config.task = "flip"
 
   # Data.

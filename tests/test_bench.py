@@ -15,7 +15,8 @@ import pytest
 
 from configs import default
 from flip import flops
-from flip import tasks
+from flip import builders
+from flip.tasks import common
 
 os.environ.setdefault("FLIP_BENCH_CACHE_DIR", "")  # no persistent cache from tests
 BENCH_DIR = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench")
@@ -82,7 +83,7 @@ def _dot_flops_in_jaxpr(jaxpr) -> int:
 def test_forward_count_equals_the_matmuls_of_the_traced_model_and_loss(mask_ratio, use_cls_token):
   config = one_layer_config(mask_ratio, use_cls_token)
   config.image_size = 16  # 16 patches: 0.75 keeps 4
-  task = tasks.get_task(config)
+  task = builders.build_task(config)
   batch = 3
   params = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"]
   images = jax.ShapeDtypeStruct((batch, 16, 16, 3), jnp.uint8)
@@ -90,7 +91,7 @@ def test_forward_count_equals_the_matmuls_of_the_traced_model_and_loss(mask_rati
 
   def forward_and_loss(p, im, tok):
     outputs = task.model.apply({"params": p}, im, tok, train=True,
-                               rngs=tasks.split_rngs(jax.random.PRNGKey(1)))
+                               rngs=common.split_rngs(jax.random.PRNGKey(1)))
     return task.loss_from_outputs(outputs)[0]
 
   traced = jax.make_jaxpr(forward_and_loss)(params, images, tokens)

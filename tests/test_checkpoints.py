@@ -23,7 +23,7 @@ from t5x import checkpoints as t5x_checkpoints
 import train_utils
 from flip import checkpoints
 from flip import optim
-from flip import tasks
+from flip.tasks import contrastive
 from flip import train
 
 CHECKPOINT_SETTINGS = ("checkpoint_every_steps=3", "keep_checkpoints=2")
@@ -255,7 +255,7 @@ def test_pretrain_dir_loads_params_only_into_a_fresh_optimizer_state(runs, tmp_p
 def test_pretrain_dir_with_another_architecture_fails_in_one_line_naming_keys(runs):
   other = train_utils.tiny_config("model.model_txt.transformer.num_layers=2",
                                   "model.clr.proj_dim_out=24", "model.clr.tau_learnable=False")
-  shapes = jax.eval_shape(tasks.FlipTask(other).init_variables, jax.random.PRNGKey(0))["params"]
+  shapes = jax.eval_shape(contrastive.FlipTask(other).init_variables, jax.random.PRNGKey(0))["params"]
   with pytest.raises(checkpoints.CheckpointError) as error:
     checkpoints.load_pretrained_params(runs.uninterrupted_dir, shapes)
   message = str(error.value)
@@ -300,9 +300,9 @@ def bilinear_resize_reference(grid: np.ndarray, new_h: int, new_w: int) -> np.nd
 def test_learned_position_embeddings_are_resized_for_a_new_image_size():
   small = train_utils.tiny_config("model.model_img.sincos=False")  # 16 px / 8 = 2x2 patches
   large = train_utils.tiny_config("model.model_img.sincos=False", "image_size=32")  # 4x4
-  small_shapes = jax.eval_shape(tasks.FlipTask(small).init_variables,
+  small_shapes = jax.eval_shape(contrastive.FlipTask(small).init_variables,
                                 jax.random.PRNGKey(0))["params"]
-  large_shapes = jax.eval_shape(tasks.FlipTask(large).init_variables,
+  large_shapes = jax.eval_shape(contrastive.FlipTask(large).init_variables,
                                 jax.random.PRNGKey(0))["params"]
   rng = np.random.RandomState(0)
   loaded = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
@@ -326,7 +326,7 @@ def test_learned_position_embeddings_are_resized_for_a_new_image_size():
   np.testing.assert_array_equal(same["img_encoder"]["pos_embedding"], posemb)
   # The text position table is never interpolated: a longer max_len is a mis-shaped key.
   longer_text = train_utils.tiny_config("model.model_img.sincos=False", "aug.txt.max_len=16")
-  text_shapes = jax.eval_shape(tasks.FlipTask(longer_text).init_variables,
+  text_shapes = jax.eval_shape(contrastive.FlipTask(longer_text).init_variables,
                                jax.random.PRNGKey(0))["params"]
   with pytest.raises(checkpoints.CheckpointError, match="txt_encoder/pos_embedding"):
     checkpoints.match_params(loaded, text_shapes, posemb_grid=(2, 2))

@@ -1,5 +1,5 @@
 """gin wiring: t5x's partitioner classes bound in gin (dynamic registration) build through
-`flip.train.build_partitioner`, and every shipped gin file under gin/ parses and builds a
+`flip.builders.build_partitioner`, and every shipped gin file under gin/ parses and builds a
 partitioner that maps every parameter of the FLIP train state."""
 
 import pathlib
@@ -17,8 +17,8 @@ from t5x import train_state as t5x_train_state
 
 from flip import config as config_lib
 from flip import optim
+from flip import builders
 from flip import partitioning
-from flip import train
 from flip.models import flip as flip_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_gin_bound_t5x_partitioner_class_builds(smoke):
   config, variables, state = smoke
   gin.parse_config(T5X_PJIT_GIN)
   configured_cls = gin.get_configurable(t5x_partitioning.PjitPartitioner)
-  partitioner = train.build_partitioner(config.partitioning, partitioner_cls=configured_cls)
+  partitioner = builders.build_partitioner(config.partitioning, partitioner_cls=configured_cls)
   assert type(partitioner) is t5x_partitioning.PjitPartitioner  # pylint: disable=unidiomatic-typecheck
   # The rules come from the gin binding (t5x's standard rules, no FLIP additions) ...
   assert tuple(partitioner.logical_axis_rules) == tuple(
@@ -95,14 +95,14 @@ def test_gin_bound_t5x_partitioner_class_builds(smoke):
 def test_gin_rebinds_the_partitioner_class_of_build_partitioner(smoke):
   config, variables, state = smoke
   gin.parse_config(T5X_PJIT_GIN + """
-from flip import train
-train.build_partitioner.partitioner_cls = @partitioning.PjitPartitioner
+from flip import builders
+builders.build_partitioner.partitioner_cls = @partitioning.PjitPartitioner
 """)
-  partitioner = train.build_partitioner(config.partitioning)
+  partitioner = builders.build_partitioner(config.partitioning)
   assert type(partitioner) is t5x_partitioning.PjitPartitioner  # pylint: disable=unidiomatic-typecheck
   assert_maps_every_parameter(partitioner, variables, state)
   gin.clear_config()
-  assert type(train.build_partitioner(config.partitioning)) is partitioning.FlipPjitPartitioner  # pylint: disable=unidiomatic-typecheck
+  assert type(builders.build_partitioner(config.partitioning)) is partitioning.FlipPjitPartitioner  # pylint: disable=unidiomatic-typecheck
 
 
 def test_t5x_class_refuses_flip_only_keys_by_name(smoke):
@@ -113,7 +113,7 @@ def test_t5x_class_refuses_flip_only_keys_by_name(smoke):
     zero1 = config.partitioning.copy_and_resolve_references()
   zero1.partition_states = True
   with pytest.raises(ValueError, match=r"config\.partitioning\.partition_states=True"):
-    train.build_partitioner(zero1, partitioner_cls=configured_cls)
+    builders.build_partitioner(zero1, partitioner_cls=configured_cls)
 
 
 def test_gin_unknown_binding_fails_naming_it():
@@ -127,11 +127,11 @@ def test_shipped_gin_file_builds_a_partitioner(gin_file, smoke):
   config, variables, state = smoke
   gin.add_config_file_search_path(str(REPO_ROOT))
   gin.parse_config_files_and_bindings([str(REPO_ROOT / gin_file)], [], finalize_config=True)
-  partitioner = train.build_partitioner(config.partitioning)
+  partitioner = builders.build_partitioner(config.partitioning)
   assert isinstance(partitioner, t5x_partitioning.BasePartitioner)
   assert partitioner.mesh.devices.size == jax.device_count()
   specs = assert_maps_every_parameter(partitioner, variables, state)
-  task = train.build_task(config)
+  task = builders.build_task(config)
   assert task.name == "flip"
 
   rules = dict(reversed(tuple(partitioner.logical_axis_rules)))  # first rule for a name wins

@@ -24,7 +24,7 @@ from flip import config as config_lib
 from flip import masking
 from flip import optim
 from flip import partitioning
-from flip import tasks
+from flip import builders
 from flip.models import flip as flip_lib
 from flip.models import layers
 from flip.models import text as text_lib
@@ -492,7 +492,7 @@ def test_mae_family_configs_build_their_task_model_abstractly(name):
   """Every MAE / probe / fine-tune config validates and its task's variables have logical axes."""
   config = load(name)
   config_lib.validate_config(config)
-  task = tasks.get_task(config, config.task)
+  task = builders.build_task(config)
   variables = jax.eval_shape(task.init_variables, jax.random.key(0))
   params = traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]), sep="/")
   axes = traverse_util.flatten_dict(flax.core.unfreeze(variables["params_axes"]), sep="/")

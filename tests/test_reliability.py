@@ -30,8 +30,9 @@ from t5x import checkpoints as t5x_checkpoints
 import train_utils
 from flip import checkpoints
 from flip import config as config_lib
-from flip import tasks
+from flip.tasks import contrastive
 from flip import train
+from flip import trainer as trainer_lib
 from flip.data import laion
 from flip.data import testing as data_testing
 
@@ -67,8 +68,8 @@ def tree_hash(path: pathlib.Path) -> Dict[str, str]:
 def test_lr_applied_after_a_skipped_step_is_the_logged_lr(monkeypatch, tmp_path):
   """Step 2 is non-finite and skipped. Step 3 must apply the schedule's lr for step 3 (the loop's
   step), which is what the loop logs, not the lr of step 2 (the optimizer's count of updates)."""
-  monkeypatch.setattr(tasks.FlipTask, "compute_grads",
-                      poisoned_compute_grads(tasks.FlipTask.compute_grads))
+  monkeypatch.setattr(contrastive.FlipTask, "compute_grads",
+                      poisoned_compute_grads(contrastive.FlipTask.compute_grads))
   config = train_utils.tiny_config("checkpoint_every_steps=2", "num_train_steps=3")
   make_dataset = train_utils.poisoned_dataset_factory(poison_steps=(2,), num_steps=3)
   out = train.train_and_evaluate(config, str(tmp_path), make_dataset=make_dataset)
@@ -251,8 +252,8 @@ def no_compute(monkeypatch):
   def forbidden(*args, **kwargs):
     raise AssertionError("compute started before the configuration was refused")
 
-  monkeypatch.setattr(train.Trainer, "init_state", forbidden)
-  monkeypatch.setattr(train.Trainer, "train_step", forbidden)
+  monkeypatch.setattr(trainer_lib.Trainer, "init_state", forbidden)
+  monkeypatch.setattr(trainer_lib.Trainer, "train_step", forbidden)
   monkeypatch.setattr(t5x_checkpoints.Checkpointer, "restore", forbidden)
 
 
@@ -399,13 +400,13 @@ def test_bad_data_is_counted_by_reason_and_every_valid_example_is_trained_on(
       "shuffle_buffer_size=1", f"num_train_steps={steps}", "checkpoint_every_steps=1000")
   max_len = config.aug.txt.max_len
   seen: List[np.ndarray] = []
-  original_step = train.Trainer.train_step
+  original_step = trainer_lib.Trainer.train_step
 
   def recording_step(self, state, batch):
     seen.append(np.asarray(batch["txt"]).copy())
     return original_step(self, state, batch)
 
-  monkeypatch.setattr(train.Trainer, "train_step", recording_step)
+  monkeypatch.setattr(trainer_lib.Trainer, "train_step", recording_step)
   out = train.train_and_evaluate(config, str(tmp_path / "wd"))
   assert out["step"] == steps and len(seen) == steps
 

@@ -18,7 +18,7 @@ import pytest
 import train_utils
 from flip import checkpoints
 from flip import optim
-from flip import tasks
+from flip.tasks import contrastive
 from flip import train
 
 # Gradient accumulation must reproduce the full-batch loss and gradient to float32 rounding.
@@ -46,7 +46,7 @@ def accumulated_grads(reference):
   """compute_grads of one batch with accum_steps 1, 2, 4 (plain jit, one device)."""
   config = train_utils.tiny_config()
   assert config.model.model_img.mask_ratio == 0.5
-  task = tasks.FlipTask(config)
+  task = contrastive.FlipTask(config)
   params = reference.init_state.params
   batch = next(train_utils.fixed_batches(config, 1))
   rng = jax.random.PRNGKey(7)
@@ -120,8 +120,8 @@ def poisoned_compute_grads(original):
 
 @pytest.fixture
 def poisoned_task(monkeypatch):
-  monkeypatch.setattr(tasks.FlipTask, "compute_grads",
-                      poisoned_compute_grads(tasks.FlipTask.compute_grads))
+  monkeypatch.setattr(contrastive.FlipTask, "compute_grads",
+                      poisoned_compute_grads(contrastive.FlipTask.compute_grads))
 
 
 def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged(poisoned_task, reference):
@@ -216,7 +216,7 @@ def test_applied_lr_follows_the_schedule_through_warmup_and_to_the_end(reference
 
 def test_weight_decay_mask_on_the_real_flip_params_excludes_exactly_these():
   config = train_utils.tiny_config("model.model_img.use_cls_token=True")
-  task = tasks.FlipTask(config)
+  task = contrastive.FlipTask(config)
   params = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"]
   mask = optim.weight_decay_mask(params, optim.no_decay_names(config))
   not_decayed = {k for k, v in train_utils.flat_tree(mask).items() if not v}
@@ -249,7 +249,7 @@ def test_the_optimizer_decays_exactly_the_masked_params():
   """The run's optax chain (not just the mask function): with zero gradients AdamW's update is
   -lr * wd * p on decayed parameters and exactly zero on the others."""
   config = train_utils.tiny_config("model.model_img.use_cls_token=True", "warmup_abs_lr=1e-3")
-  task = tasks.FlipTask(config)
+  task = contrastive.FlipTask(config)
   shapes = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"]
   params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), flax.core.unfreeze(shapes))
   tx = optim.make_optimizer(config)

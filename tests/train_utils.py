@@ -32,7 +32,9 @@ import tensorflow as tf
 
 from flip import config as config_lib
 from flip import optim
+from flip import builders
 from flip import train
+from flip import trainer as trainer_lib
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -212,10 +214,10 @@ def persistent_compilation_cache(cache_dir: str):
 # --- trainer-level runs -------------------------------------------------------------------------
 
 def build_trainer(config, progress=None):
-  """A `flip.train.Trainer` exactly as `train_and_evaluate` builds it (nothing compiled yet)."""
-  task = train.build_task(config)
-  partitioner = train.build_partitioner(config.partitioning)
-  return train.Trainer(config, task, partitioner, progress or train.Progress())
+  """A `flip.trainer.Trainer` exactly as `train_and_evaluate` builds it (nothing compiled yet)."""
+  task = builders.build_task(config)
+  partitioner = builders.build_partitioner(config.partitioning)
+  return trainer_lib.Trainer(config, task, partitioner, progress or trainer_lib.Progress())
 
 
 def place_state(trainer, host_state):
