@@ -67,7 +67,7 @@ def check_batch_size(partitioner: Any, batch_size: int, key: str) -> None:
   data_size = partitioner.data_mesh_size
   if batch_size <= 0 or batch_size % data_size:
     raise config_lib.ConfigError(
-        f"{key} {batch_size} is not a positive multiple of the data-parallel size {data_size} "
+        f"{key} {batch_size} is not divisible by the data-parallel size {data_size} "
         f"(mesh {dict(partitioner.mesh.shape)} on {len(jax.devices())} devices)")
 
 
