@@ -49,6 +49,7 @@ SKIP_REASONS: Tuple[Reason, ...] = tuple(r for r in Reason if r not in (Reason.O
                                                                          Reason.EPOCH_END))
 SKIP_REASON_NAMES: Tuple[str, ...] = tuple(r.name.lower() for r in SKIP_REASONS)
 
+
 # Every function handed to tf.data by the reader is written with explicit tf.cond /
 # tf.while_loop, so autograph's source conversion is skipped (it dominated the time to build a
 # pipeline).

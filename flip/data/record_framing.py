@@ -50,6 +50,7 @@ TAR_REGULAR_TYPES = (0, ord("0"), ord("7"))  # NUL (old tar), regular file, cont
 TAR_PAX_TYPE = ord("x")
 TAR_GNU_LONGNAME_TYPE = ord("L")
 
+
 def file_chunks(path: tf.Tensor, size: tf.Tensor, chunk_bytes: int) -> tf.data.Dataset:
   """(chunk, is_eof, file_size) elements: the file's bytes in order, then one empty chunk with
   is_eof set."""
