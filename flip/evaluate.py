@@ -410,7 +410,7 @@ class EvalSuite:
 
   def sources(self):
     """The classification and caption sources (built once; data problems -> EvalError)."""
-    from flip.data import imagenet  # pylint: disable=g-import-not-at-top (tf only when evaluating)
+    from flip.data import eval_sources as imagenet  # pylint: disable=g-import-not-at-top (tf)
     try:
       if self._classification is None and self.config.get("eval_dataset"):
         self._classification = imagenet.classification_source(

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from flip.data import demo
-from flip.data import imagenet
+from flip.data import eval_sources
 from flip.data import laion
 
 NUM_TRAIN, NUM_TEST, TRAIN_SHARDS = 120, 30, 4
@@ -83,8 +83,8 @@ def test_test_split_and_class_file(built, fashion_mnist_dir):
   with open(built.classes_file) as f:
     meta = json.load(f)
   assert meta["classes"] == list(demo.CLASS_NAMES) and len(meta["classes"]) == 10
-  # The evaluation side's reader accepts the split (flip.data.imagenet).
-  source = imagenet.classification_source(f"demo:{built.out_dir}", "unused")
+  # The evaluation side's reader accepts the split (flip.data.eval_sources).
+  source = eval_sources.classification_source(f"demo:{built.out_dir}", "unused")
   assert source.num_examples == NUM_TEST and source.classnames == list(demo.CLASS_NAMES)
 
 

@@ -1,4 +1,4 @@
-"""Tests for flip.data.laion on shards written by flip.data.testing in img2dataset's layouts:
+"""Tests for flip.data.laion on shards written by tests/laion_fixtures.py in img2dataset's layouts:
 exactly the valid examples with matching skip counts (both formats, corrupt/truncated/missing
 data), per-process sharding, exact resume from a restored iterator, mixture rates, filters, and
 the errors that replace hangs."""
@@ -13,13 +13,17 @@ import pytest
 import seqio
 import tensorflow as tf
 
+import laion_fixtures
 from flip.data import laion
-from flip.data import testing
+from flip.data import laion_contract
+from flip.data import laion_filters
+from flip.data import laion_source
+from flip.data import record_framing
 from flip.data import text
 
 FORMATS = ("tfrecord", "webdataset")
-WRITERS = {"tfrecord": testing.write_tfrecord_shards,
-           "webdataset": testing.write_webdataset_shards}
+WRITERS = {"tfrecord": laion_fixtures.write_tfrecord_shards,
+           "webdataset": laion_fixtures.write_webdataset_shards}
 IMAGE_SIZE = 8
 MAX_LEN = 16
 # Every defect the builders know, once each, in a set of 30 samples over 3 shards.
@@ -43,11 +47,11 @@ def make_config(laion_path, batch_size=4, **extra):
 
 def build(directory, fmt, num=30, num_shards=3, defects=None, truncate_shard=1, salt=0,
           prefix="a photo"):
-  samples = testing.make_samples(num, DEFECTS if defects is None else defects, salt=salt,
+  samples = laion_fixtures.make_samples(num, DEFECTS if defects is None else defects, salt=salt,
                                  caption_prefix=prefix)
   paths = WRITERS[fmt](str(directory), samples, num_shards)
   if truncate_shard is not None:
-    testing.truncate_last_sample(paths[truncate_shard], samples)
+    laion_fixtures.truncate_last_sample(paths[truncate_shard], samples)
   return samples
 
 
@@ -90,8 +94,9 @@ def test_yields_exactly_the_valid_examples_and_counts_skips(shards, vocab):
   examples, final_counts = one_epoch(make_config(directory))
   by_tokens = caption_index(samples, vocab)
   seen = [by_tokens[tuple(e["txt"])] for e in examples]
-  assert sorted(s.key for s in seen) == sorted(s.key for s in testing.expected_valid(samples))
-  assert skip_dict(final_counts) == testing.expected_skips(samples)
+  expected_keys = sorted(s.key for s in laion_fixtures.expected_valid(samples))
+  assert sorted(s.key for s in seen) == expected_keys
+  assert skip_dict(final_counts) == laion_fixtures.expected_skips(samples)
   for example, sample in zip(examples, seen):
     # The image travelled with its caption: constant-colour images keep their colour.
     assert example["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -105,13 +110,13 @@ def test_chunk_size_does_not_change_the_stream(shards):
   _, directory, _ = shards
 
   def keys_and_reasons(chunk):
-    source = laion.LaionDataSource(directory, laion.PipelineOptions(num_epochs=1, shuffle=False,
-                                                                    read_chunk_bytes=chunk))
+    options = laion_source.PipelineOptions(num_epochs=1, shuffle=False, read_chunk_bytes=chunk)
+    source = laion_source.LaionDataSource(directory, options)
     return [(e["key"], int(e["reason"])) for e in source.get_dataset().as_numpy_iterator()]
 
-  reference = keys_and_reasons(laion.DEFAULT_READ_CHUNK_BYTES)
+  reference = keys_and_reasons(laion_source.DEFAULT_READ_CHUNK_BYTES)
   assert keys_and_reasons(SMALL_CHUNK) == reference
-  assert keys_and_reasons(laion.TAR_BLOCK) == reference
+  assert keys_and_reasons(record_framing.TAR_BLOCK) == reference
 
 
 # (format, files, processes): file-level sharding, and example-level with fewer files than
@@ -125,21 +130,21 @@ def test_per_process_shards_are_disjoint_and_cover_everything(tmp_path, fmt, num
                                                               num_shards):
   samples = build(tmp_path, fmt, num=24, num_shards=num_files,
                   defects={0: "empty_caption", 5: "corrupt_jpeg"}, truncate_shard=0)
-  source = laion.LaionDataSource(str(tmp_path), laion.PipelineOptions(num_epochs=1))
+  source = laion_source.LaionDataSource(str(tmp_path), laion_source.PipelineOptions(num_epochs=1))
   reasons, keys = collections.Counter(), []
   for shard_index in range(num_shards):
     for e in source.get_dataset(seed=3, shard_info=seqio.ShardInfo(shard_index, num_shards)
                                 ).as_numpy_iterator():
-      reason = laion.Reason(e["reason"])
+      reason = laion_contract.Reason(e["reason"])
       reasons[reason] += 1
-      if reason == laion.Reason.OK:  # corrupt JPEGs are only found when decoding, later
+      if reason == laion_contract.Reason.OK:  # corrupt JPEGs are only found when decoding, later
         keys.append(e["key"].decode())
   assert len(keys) == len(set(keys))  # disjoint
   decodable = [s.key for s in samples if s.expected_reason == "ok" or s.defect == "corrupt_jpeg"]
   assert sorted(keys) == sorted(decodable)  # together: everything
-  assert reasons[laion.Reason.EPOCH_END] == num_shards
-  assert reasons[laion.Reason.TRUNCATED_FILE] == 1  # counted once over all processes
-  assert reasons[laion.Reason.EMPTY_CAPTION] == 1
+  assert reasons[laion_contract.Reason.EPOCH_END] == num_shards
+  assert reasons[laion_contract.Reason.TRUNCATED_FILE] == 1  # counted once over all processes
+  assert reasons[laion_contract.Reason.EMPTY_CAPTION] == 1
 
 
 def test_skip_counts_sum_over_processes(tmp_path):
@@ -150,7 +155,7 @@ def test_skip_counts_sum_over_processes(tmp_path):
     examples, counts = one_epoch(make_config(str(directory)), shard_index, 2)
     total.update(skip_dict(counts))
     assert examples
-  assert dict(total) == testing.expected_skips(samples)
+  assert dict(total) == laion_fixtures.expected_skips(samples)
 
 
 def batches(iterator, n):
@@ -171,7 +176,7 @@ def test_resume_from_saved_iterator_is_exact(tmp_path, fmt, stop_after):
   directory = tmp_path / "data"
   samples = build(directory, fmt, num=18)  # 10 valid: an epoch ends inside the 3rd batch of 4
   config = make_config(str(directory))
-  valid_per_epoch = len(testing.expected_valid(samples))
+  valid_per_epoch = len(laion_fixtures.expected_valid(samples))
   total = 9
   iterator = iter(laion.make_train_dataset(config, 0, 1, seed=5))
   uninterrupted = batches(iterator, stop_after)
@@ -184,7 +189,7 @@ def test_resume_from_saved_iterator_is_exact(tmp_path, fmt, stop_after):
   # The run crossed epoch boundaries and the skip counters kept growing across them.
   assert total * 4 > 3 * valid_per_epoch
   first, last = uninterrupted[0]["skipped"], uninterrupted[-1]["skipped"]
-  assert last["empty_caption"] >= 3 * testing.expected_skips(samples)["empty_caption"]
+  assert last["empty_caption"] >= 3 * laion_fixtures.expected_skips(samples)["empty_caption"]
   assert all(last[k] >= first[k] for k in first)
   # Epochs are reshuffled: the second epoch is not the first one again.
   rows = np.concatenate([b["txt"] for b in uninterrupted])
@@ -253,25 +258,25 @@ def test_filter_on_extra_columns(shards, vocab):
   def passes(s):
     return np.float32(s.similarity) >= 0.3 and s.nsfw != "NSFW"
 
-  valid = testing.expected_valid(samples)
+  valid = laion_fixtures.expected_valid(samples)
   assert kept == sorted(s.key for s in valid if passes(s))
   # The filter runs before decoding, so it also sees the (still undetected) corrupt JPEGs.
   filterable = valid + [s for s in samples if s.defect in ("corrupt_jpeg", "truncated_jpeg")
                         and not s.lost_to_truncation]
   assert skip_dict(counts).get("filtered", 0) == sum(not passes(s) for s in filterable)
   with pytest.raises(laion.LaionDataError, match="strings support only"):
-    laion.parse_filter("NSFW>=UNLIKELY")
+    laion_filters.parse_filter("NSFW>=UNLIKELY")
   with pytest.raises(laion.LaionDataError, match="cannot parse"):
-    laion.parse_filter("similarity")
+    laion_filters.parse_filter("similarity")
 
 
 def test_long_member_names_in_pax_headers(tmp_path):
-  samples = testing.make_samples(6)
-  testing.write_webdataset_shards(str(tmp_path), samples, 2, long_name_keys=True)
-  source = laion.LaionDataSource(str(tmp_path), laion.PipelineOptions(num_epochs=1,
-                                                                      read_chunk_bytes=SMALL_CHUNK))
+  samples = laion_fixtures.make_samples(6)
+  laion_fixtures.write_webdataset_shards(str(tmp_path), samples, 2, long_name_keys=True)
+  options = laion_source.PipelineOptions(num_epochs=1, read_chunk_bytes=SMALL_CHUNK)
+  source = laion_source.LaionDataSource(str(tmp_path), options)
   keys = sorted(e["key"].decode() for e in source.get_dataset().as_numpy_iterator()
-                if e["reason"] == laion.Reason.OK)
+                if e["reason"] == laion_contract.Reason.OK)
   assert keys == sorted("d" * 120 + "/" + s.key for s in samples)
 
 
@@ -280,7 +285,8 @@ def test_bad_records_unreadable_and_corrupt_files_are_counted(tmp_path, caplog):
   samples = build(directory, "tfrecord", num=12, defects={}, truncate_shard=None)
   with tf.io.TFRecordWriter(str(directory / "00003.tfrecord")) as writer:
     writer.write(b"\xff\xfe this is not a tf.train.Example")
-    writer.write(testing._tf_example(testing.make_samples(1, salt=9, caption_prefix="extra")[0]))
+    extra = laion_fixtures.make_samples(1, salt=9, caption_prefix="extra")[0]
+    writer.write(laion_fixtures.tf_example(extra))
   os.mkdir(directory / "00004.tfrecord")  # matches the pattern but cannot be opened as a file
   with caplog.at_level(logging.WARNING):
     examples, counts = one_epoch(make_config(str(directory)))
@@ -316,17 +322,17 @@ def test_no_valid_example_raises_instead_of_hanging(tmp_path):
 def test_paths_patterns_and_errors(tmp_path):
   build(tmp_path / "t", "tfrecord", num=6, num_shards=2, defects={}, truncate_shard=None)
   build(tmp_path / "w", "webdataset", num=6, num_shards=2, defects={}, truncate_shard=None)
-  files, fmt = laion.list_files(str(tmp_path / "t" / "*.tfrecord"))
+  files, fmt = laion_source.list_files(str(tmp_path / "t" / "*.tfrecord"))
   assert fmt == "tfrecord" and [os.path.basename(f) for f in files] == ["00000.tfrecord",
                                                                         "00001.tfrecord"]
-  files, fmt = laion.list_files(str(tmp_path / "w"))  # stats json files are ignored
+  files, fmt = laion_source.list_files(str(tmp_path / "w"))  # stats json files are ignored
   assert fmt == "webdataset" and len(files) == 2
   with pytest.raises(laion.LaionDataError, match="laion_path is empty"):
     laion.split_sources(" , ")
   with pytest.raises(laion.LaionDataError, match="no \\*.tfrecord or \\*.tar files"):
-    laion.list_files(str(tmp_path / "nothing*"))
+    laion_source.list_files(str(tmp_path / "nothing*"))
   (tmp_path / "w" / "00009.tfrecord").write_bytes(b"")
   with pytest.raises(laion.LaionDataError, match="mixes tfrecord and tar"):
-    laion.list_files(str(tmp_path / "w"))
+    laion_source.list_files(str(tmp_path / "w"))
   with pytest.raises(laion.LaionDataError, match="need 2 non-negative rates"):
     laion.register_tasks(make_config(f"{tmp_path / 't'},{tmp_path / 't'}/*", laion_rates="1"))

@@ -6,7 +6,7 @@ References are independent of the code under test: the float64 schedule formula 
 recovered from the parameter update (train_utils), hashes of checkpoint files taken before a
 failure, Python's audit events (`pickle.find_class` is raised by every unpickling of a class or
 function), and for bad data the BERT vocabulary file read as plain text plus a sequential
-simulation of the reader over the samples `flip.data.testing` wrote (each sample's fate is fixed
+simulation of the reader over the samples `laion_fixtures` wrote (each sample's fate is fixed
 when its defect is injected). The subprocess versions (main.py killed, preempted, on two
 processes, on a full disk) are in test_reliability_main.py.
 """
@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from t5x import checkpoints as t5x_checkpoints
 
+import laion_fixtures
 import train_utils
 from flip import checkpoints
 from flip import config as config_lib
@@ -34,7 +35,6 @@ from flip.tasks import contrastive
 from flip import train
 from flip import trainer as trainer_lib
 from flip.data import laion
-from flip.data import testing as data_testing
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -318,7 +318,7 @@ def test_unwritable_workdir_is_refused_before_any_compute(no_compute, tmp_path):
 # --------------------------------------------------------------------------- bad data
 
 BATCH_SIZE = 16
-# Good shards: 2 x 12 valid samples. Bad shards: 2 x 25 samples with every defect flip.data.testing
+# Good shards: 2 x 12 valid samples. Bad shards: 2 x 25 samples with every defect laion_fixtures
 # knows (8 skipped, 4 valid variants). One good and one bad shard are cut inside their last sample,
 # and a zero-byte shard sits beside them: 24 + 50 - 8 - 2 = 64 valid samples = 4 batches.
 NUM_GOOD, GOOD_SHARDS, NUM_BAD, BAD_SHARDS = 24, 2, 50, 2
@@ -331,8 +331,8 @@ EXTENSION = {"tfrecord": ".tfrecord", "webdataset": ".tar"}
 
 def _write_group(fmt: str, directory: str, samples, num_shards: int) -> List[str]:
   if fmt == "tfrecord":
-    return data_testing.write_tfrecord_shards(directory, samples, num_shards)
-  return data_testing.write_webdataset_shards(directory, samples, num_shards)
+    return laion_fixtures.write_tfrecord_shards(directory, samples, num_shards)
+  return laion_fixtures.write_webdataset_shards(directory, samples, num_shards)
 
 
 def build_bad_data(root: pathlib.Path, fmt: str) -> Tuple[str, Dict[str, list]]:
@@ -341,12 +341,12 @@ def build_bad_data(root: pathlib.Path, fmt: str) -> Tuple[str, Dict[str, list]]:
   data_dir.mkdir(parents=True)
   files = {}
   for group, samples, num_shards, cut in (
-      ("good", data_testing.make_samples(NUM_GOOD, salt=1, caption_prefix="a picture"),
+      ("good", laion_fixtures.make_samples(NUM_GOOD, salt=1, caption_prefix="a picture"),
        GOOD_SHARDS, 0),
-      ("bad", data_testing.make_samples(NUM_BAD, BAD_DEFECTS, salt=2, caption_prefix="a photo"),
+      ("bad", laion_fixtures.make_samples(NUM_BAD, BAD_DEFECTS, salt=2, caption_prefix="a photo"),
        BAD_SHARDS, 1)):
     paths = _write_group(fmt, str(root / group), samples, num_shards)
-    data_testing.truncate_last_sample(paths[cut], samples)
+    laion_fixtures.truncate_last_sample(paths[cut], samples)
     for shard, path in enumerate(paths):
       name = f"{group}-{shard:05d}{EXTENSION[fmt]}"
       shutil.move(path, data_dir / name)
@@ -378,7 +378,7 @@ def expected_counts_per_step(files, order_per_epoch: Sequence[Sequence[str]], ro
       stream += ["truncated_file" for s in samples if s.lost_to_truncation]
   counts, per_valid = collections.Counter(), []
   for reason in stream:
-    if reason == data_testing.REASON_OK:
+    if reason == laion_fixtures.REASON_OK:
       per_valid.append(dict(counts))
     else:
       counts[reason] += 1
@@ -390,7 +390,7 @@ def expected_counts_per_step(files, order_per_epoch: Sequence[Sequence[str]], ro
 def test_bad_data_is_counted_by_reason_and_every_valid_example_is_trained_on(
     fmt, monkeypatch, tmp_path, capsys):
   data_dir, files = build_bad_data(tmp_path, fmt)
-  valid = [s for ss in files.values() for s in ss if s.expected_reason == data_testing.REASON_OK]
+  valid = [s for ss in files.values() for s in ss if s.expected_reason == laion_fixtures.REASON_OK]
   assert len(valid) == 64 and len(valid) % BATCH_SIZE == 0
   steps = EPOCHS * len(valid) // BATCH_SIZE
   # Files are read one after another, examples unshuffled, so the position of every defect in the
@@ -413,7 +413,7 @@ def test_bad_data_is_counted_by_reason_and_every_valid_example_is_trained_on(
   # Nothing else dropped: every valid sample is trained on exactly once per epoch.
   # The caption as written (the huge one repeats itself for 100 kB and is truncated by the tokenizer).
   file_of = {bert_ids(s.caption_bytes.decode("utf-8"), max_len): name for name, ss in files.items() for s in ss
-             if s.expected_reason == data_testing.REASON_OK}
+             if s.expected_reason == laion_fixtures.REASON_OK}
   rows = [tuple(int(t) for t in row) for batch in seen for row in batch]
   assert collections.Counter(rows) == collections.Counter(
       {ids: EPOCHS for ids in file_of})
@@ -432,7 +432,7 @@ def test_bad_data_is_counted_by_reason_and_every_valid_example_is_trained_on(
   for step in range(1, steps + 1):
     got = {r: int(v[step]) for r, v in logged.items() if v[step]}
     assert got == expected[step - 1], step
-  per_epoch = data_testing.expected_skips([s for ss in files.values() for s in ss])
+  per_epoch = laion_fixtures.expected_skips([s for ss in files.values() for s in ss])
   assert per_epoch == {"undecodable_image": 3, "empty_caption": 2, "invalid_utf8": 1,
                        "missing_image": 1, "missing_caption": 1, "truncated_file": 2}
   final = {r: int(v[steps]) for r, v in logged.items() if v[steps]}

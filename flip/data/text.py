@@ -31,11 +31,6 @@ import seqio
 import tensorflow as tf
 import tensorflow_text as tf_text
 
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
-  pass
-
 # Tokenizer names accepted in `config.aug.txt.tokenizer`.
 TOKENIZER_BERT = "tf_bert"
 TOKENIZER_SENTENCEPIECE = "sentencepiece"
@@ -213,6 +208,7 @@ def tokenize(vocab: seqio.Vocabulary, strings: Union[tf.Tensor, Sequence[str], s
   if strings.shape.rank == 0:
     strings = strings[tf.newaxis]
   elif strings.shape.rank != 1:
-    raise ValueError(f"tokenize: expected a scalar or rank-1 string tensor, got shape {strings.shape}")
+    raise ValueError("tokenize: expected a scalar or rank-1 string tensor, got shape "
+                     f"{strings.shape}")
   ids = _encode_ragged(vocab, strings)
   return ids.to_tensor(default_value=vocab.pad_id, shape=[None, max_len])

@@ -30,11 +30,6 @@ import jax.numpy as jnp
 import ml_collections
 import tensorflow as tf
 
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
-  pass
-
 # ImageNet channel statistics in 0..255 units (the torchvision / MAE / FLIP values
 # (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225) times 255).
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
@@ -134,8 +129,10 @@ def resize_shorter_side(image: tf.Tensor, target: int) -> tf.Tensor:
 
 def eval_transform(image_bytes: tf.Tensor, image_size: int,
                    crop_fraction: float = EVAL_CROP_FRACTION) -> tf.Tensor:
-  """Evaluation transform: shorter side to image_size / crop_fraction, centre crop; uint8 [S,S,3]."""
-  image = resize_shorter_side(decode_image(image_bytes), eval_resize_size(image_size, crop_fraction))
+  """Evaluation transform: shorter side to image_size / crop_fraction, centre crop; uint8 [S,S,3].
+  """
+  image = resize_shorter_side(decode_image(image_bytes),
+                              eval_resize_size(image_size, crop_fraction))
   shape = tf.shape(image)
   top = (shape[0] - image_size) // 2
   left = (shape[1] - image_size) // 2

@@ -2,8 +2,8 @@
 with the defects real crawls contain.
 
 This module owns fabricated test data and, for every sample, what the input pipeline must do with
-it (`Sample.expected_reason`: "ok" or the skip reason of `flip.data.laion`). The expectation is
-fixed when the defect is injected, independently of the pipeline's code.
+it (`Sample.expected_reason`: "ok" or the skip reason of `flip.data.laion_contract`). The
+expectation is fixed when the defect is injected, independently of the pipeline's code.
 
 Layouts (as img2dataset writes them):
 * tfrecord: `00000.tfrecord`, `00001.tfrecord`, ... of tf.train.Example with `jpg` (bytes), `txt`
@@ -168,7 +168,7 @@ def _assign_shards(samples: Sequence[Sample], num_shards: int) -> List[List[Samp
   return shards
 
 
-def _tf_example(sample: Sample) -> bytes:
+def tf_example(sample: Sample) -> bytes:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   meta = sample.metadata
   feature = {
@@ -199,7 +199,7 @@ def write_tfrecord_shards(directory: str, samples: Sequence[Sample], num_shards:
     path = os.path.join(directory, f"{shard_index:05d}.tfrecord")
     with tf.io.TFRecordWriter(path) as writer:
       for sample in shard:
-        writer.write(_tf_example(sample))
+        writer.write(tf_example(sample))
     _write_stats(directory, shard_index, len(shard))
     paths.append(path)
   return paths

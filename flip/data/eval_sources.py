@@ -1,10 +1,12 @@
-"""Evaluation data: labelled image sets for zero-shot classification, caption sets for retrieval.
+"""Evaluation data: labelled image sets for zero-shot classification, caption sets for retrieval,
+and the readers of tfds splits, image folders and TFRecord sets that the classification sources
+(`flip.data.classification`) build on.
 
 Owns where evaluation images, labels, class names and prompt templates come from; the zero-shot
 arithmetic and the sharded loop live in `flip.evaluate`. Image decoding and the eval resize +
 centre crop are `flip.data.transforms.eval_transform` (the same ops as training's pipeline).
 
-Sources (`config.eval_dataset`):
+Sources (`config.eval_dataset`, parsed by `flip.data.dataset_spec`):
 - a tfds name, e.g. "imagenet2012:5.*.*" (FLIP's), read from `TFDS_DATA_DIR` (or tfds' default
   directory), split "validation" (else "test" if the dataset has no validation split). The number
   of images is read from the prepared dataset's metadata, never assumed. Class names: for
@@ -19,10 +21,11 @@ Sources (`config.eval_dataset`):
   sorted sub-folder order).
 - "demo:<dir>": the demo's held-out Fashion-MNIST split (`flip.data.demo`): TFRecords with `jpg`
   bytes and `label` int64, plus `classes.json` holding the class names (`classes`) and the demo's
-  own evaluation templates (`templates`). `<dir>` is that folder or its parent holding it as `test/`.
-Prompt templates for tfds and image folders are the `templates` key of
-`imagenet_zeroshot.json` (`templates_full`: CLIP's full set, `templates_short`: CLIP's short set,
-`templates_none`: the bare class name).
+  own evaluation templates (`templates`). `<dir>` is that folder or its parent holding it as
+  `test/`.
+Prompt templates for tfds and image folders are the `templates` key of `imagenet_zeroshot.json`
+(`templates_full`: CLIP's full set, `templates_short`: CLIP's short set, `templates_none`: the bare
+class name).
 
 Retrieval captions (`config.zeroshot.retrieval_path`): TFRecords in the LAION (img2dataset) layout,
 features `jpg` and `txt`, one caption per image; a directory, a glob pattern or one file.
@@ -38,21 +41,18 @@ import dataclasses
 import json
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from flip.data import dataset_spec
 from flip.data import transforms
-
-tf.config.set_visible_devices([], "GPU")
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 IMAGENET_ZEROSHOT_FILE = os.path.join(ASSETS_DIR, "imagenet_zeroshot.json")
 IMAGENET_TFDS_NAME = "imagenet2012"
 TFDS_SPLITS = ("validation", "test")  # the first one the dataset has is evaluated
 TFDS_DATA_DIR_ENV = "TFDS_DATA_DIR"
-FOLDER_PREFIX = "folder:"
-DEMO_PREFIX = "demo:"
 DEMO_SPLIT_DIR = "test"
 DEMO_CLASSES_FILE = "classes.json"
 DEFAULT_CLASSNAMES_FILE = "classnames.txt"
@@ -61,17 +61,39 @@ TFRECORD_FEATURE_IMAGE = "jpg"  # img2dataset's image column
 TFRECORD_FEATURE_CAPTION = "txt"
 TFRECORD_FEATURE_LABEL = "label"
 _NOT_TFRECORD = (".json", ".txt", ".parquet", ".csv")
+# {name in the example: (TFRecord feature, dtype)} of the demo split and of retrieval captions.
+LABELLED_COLUMNS = {"image": (TFRECORD_FEATURE_IMAGE, tf.string),
+                    "label": (TFRECORD_FEATURE_LABEL, tf.int64)}
+CAPTION_COLUMNS = {"image": (TFRECORD_FEATURE_IMAGE, tf.string),
+                   "caption": (TFRECORD_FEATURE_CAPTION, tf.string)}
 
 EncodedReader = Callable[[int, int], tf.data.Dataset]
 
 
-class EvalDataError(ValueError):
-  """An evaluation data set that cannot be used, in one line naming the data set or file."""
+# One error type for every data set that cannot be used (evaluation or classification).
+EvalDataError = dataset_spec.DatasetError
 
 
 def max_shard_size(num_examples: int, num_shards: int) -> int:
   """The most examples any of `num_shards` shards holds (shard sizes differ by at most one)."""
   return int(math.ceil(num_examples / num_shards)) if num_examples else 0
+
+
+def num_to_read(total: int, max_images: int) -> int:
+  """How many of `total` examples are evaluated: the first `max_images` (all when it is <= 0)."""
+  return min(total, max_images) if max_images > 0 else total
+
+
+def _decoded(encoded: tf.data.Dataset, image_size: int, crop_fraction: float) -> tf.data.Dataset:
+  """`encoded` with its "image" bytes decoded and eval-cropped (other fields as they are; a
+  "label" as int32)."""
+  def decode(example):
+    out = dict(example, image=transforms.eval_transform(example["image"], image_size,
+                                                        crop_fraction))
+    if "label" in example:
+      out["label"] = tf.cast(example["label"], tf.int32)
+    return out
+  return encoded.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 @dataclasses.dataclass
@@ -85,11 +107,7 @@ class ClassificationSource:
 
   def dataset(self, shard_index: int, num_shards: int, image_size: int,
               crop_fraction: float = transforms.EVAL_CROP_FRACTION) -> tf.data.Dataset:
-    def decode(example):
-      return {"image": transforms.eval_transform(example["image"], image_size, crop_fraction),
-              "label": tf.cast(example["label"], tf.int32)}
-    return self.read_encoded(shard_index, num_shards).map(
-        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _decoded(self.read_encoded(shard_index, num_shards), image_size, crop_fraction)
 
 
 @dataclasses.dataclass
@@ -105,12 +123,8 @@ class CaptionSource:
 
   def dataset(self, shard_index: int, num_shards: int, image_size: int,
               crop_fraction: float = transforms.EVAL_CROP_FRACTION) -> tf.data.Dataset:
-    def decode(example):
-      return {"image": transforms.eval_transform(example["image"], image_size, crop_fraction),
-              "caption": example["caption"]}
-    return self.read_encoded(shard_index, num_shards).map(
-        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors(
-            log_warning=True)
+    return _decoded(self.read_encoded(shard_index, num_shards), image_size,
+                    crop_fraction).ignore_errors(log_warning=True)
 
 
 # --- class names and templates ------------------------------------------------------------------
@@ -179,36 +193,28 @@ def read_classnames_file(path: str, folder_names: Optional[Sequence[str]] = None
 
 # --- tfds -----------------------------------------------------------------------------------------
 
-def _tfds_source(spec: str, templates_key: str, classnames_file: str,
-                 max_images: int) -> ClassificationSource:
+def tfds_labelled(spec: dataset_spec.DatasetSpec, splits: Sequence[str],
+                  max_images: int) -> ClassificationSource:
+  """The first of `splits` that a tfds data set has (its first `max_images` examples), class names
+  from its `label` feature, no templates."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name = spec.tfds_name
   data_dir = os.environ.get(TFDS_DATA_DIR_ENV) or None
   shown_dir = data_dir or f"tfds' default (set {TFDS_DATA_DIR_ENV})"
-  not_found = EvalDataError(f"tfds dataset {spec!r} not found in {TFDS_DATA_DIR_ENV}={shown_dir}")
+  not_found = EvalDataError(f"tfds dataset {name!r} not found in {TFDS_DATA_DIR_ENV}={shown_dir}")
   try:
-    builder = tfds.builder(spec, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
   except Exception:  # pylint: disable=broad-except (tfds raises several kinds for "not there")
     raise not_found from None
   if not builder.is_prepared():
     raise not_found
-  split = next((s for s in TFDS_SPLITS if s in builder.info.splits), None)
+  split = next((s for s in splits if s in builder.info.splits), None)
   if split is None:
-    raise EvalDataError(f"tfds dataset {spec!r} has none of the splits {TFDS_SPLITS}")
-  total = builder.info.splits[split].num_examples
-  num_examples = min(total, max_images) if max_images > 0 else total
+    raise EvalDataError(f"tfds dataset {name!r} has none of the splits {tuple(splits)}")
+  num_examples = num_to_read(builder.info.splits[split].num_examples, max_images)
   split_spec = f"{split}[:{num_examples}]"
-
-  name = spec.split(":")[0]
-  if classnames_file:
-    classnames = read_classnames_file(classnames_file)
-  elif name == IMAGENET_TFDS_NAME:
-    classnames = list(load_imagenet_zeroshot()["classes"])
-  else:
-    classnames = list(builder.info.features["label"].names)
-  num_labels = builder.info.features["label"].num_classes
-  if len(classnames) != num_labels:
-    raise EvalDataError(f"{len(classnames)} class names for tfds dataset {spec!r} with "
-                        f"{num_labels} labels")
+  if "label" not in builder.info.features:
+    raise EvalDataError(f"tfds dataset {name!r} has no 'label' feature")
 
   def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
     shard = tfds.even_splits(split_spec, n=num_shards, drop_remainder=False)[shard_index]
@@ -216,15 +222,32 @@ def _tfds_source(spec: str, templates_key: str, classnames_file: str,
                             decoders={"image": tfds.decode.SkipDecoding()})
     return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
 
-  return ClassificationSource(name=name, classnames=classnames,
-                              templates=imagenet_templates(templates_key),
-                              num_examples=num_examples, read_encoded=read)
+  return ClassificationSource(name=spec.name, classnames=list(builder.info.features["label"].names),
+                              templates=[], num_examples=num_examples, read_encoded=read)
+
+
+def _tfds_source(spec: dataset_spec.DatasetSpec, templates_key: str, classnames_file: str,
+                 max_images: int) -> ClassificationSource:
+  source = tfds_labelled(spec, TFDS_SPLITS, max_images)
+  if classnames_file:
+    classnames = read_classnames_file(classnames_file)
+  elif spec.name == IMAGENET_TFDS_NAME:
+    classnames = list(load_imagenet_zeroshot()["classes"])
+  else:
+    classnames = source.classnames
+  num_labels = len(source.classnames)
+  if len(classnames) != num_labels:
+    raise EvalDataError(f"{len(classnames)} class names for tfds dataset {spec.tfds_name!r} with "
+                        f"{num_labels} labels")
+  return dataclasses.replace(source, classnames=classnames,
+                             templates=imagenet_templates(templates_key))
 
 
 # --- image folders ------------------------------------------------------------------------------
 
-def _folder_source(root: str, templates_key: str, classnames_file: str,
-                   max_images: int) -> ClassificationSource:
+def image_folder(root: str, max_images: int) -> ClassificationSource:
+  """An image folder (its first `max_images` images in sorted order): labels and class names
+  follow the sorted sub-folder names; no templates."""
   if not tf.io.gfile.isdir(root):
     raise EvalDataError(f"image folder not found: {root}")
   folders = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
@@ -241,17 +264,23 @@ def _folder_source(root: str, templates_key: str, classnames_file: str,
     raise EvalDataError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
   if max_images > 0:
     paths, labels = paths[:max_images], labels[:max_images]
-  classnames = read_classnames_file(
-      classnames_file or os.path.join(root, DEFAULT_CLASSNAMES_FILE), folders)
 
   def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
     ds = ds.shard(num_shards, shard_index)
     return ds.map(lambda ex: {"image": tf.io.read_file(ex["path"]), "label": ex["label"]})
 
-  return ClassificationSource(name=os.path.basename(os.path.normpath(root)),
-                              classnames=classnames, templates=imagenet_templates(templates_key),
-                              num_examples=len(paths), read_encoded=read)
+  return ClassificationSource(name=os.path.basename(os.path.normpath(root)), classnames=folders,
+                              templates=[], num_examples=len(paths), read_encoded=read)
+
+
+def _folder_source(root: str, templates_key: str, classnames_file: str,
+                   max_images: int) -> ClassificationSource:
+  source = image_folder(root, max_images)
+  classnames = read_classnames_file(
+      classnames_file or os.path.join(root, DEFAULT_CLASSNAMES_FILE), source.classnames)
+  return dataclasses.replace(source, classnames=classnames,
+                             templates=imagenet_templates(templates_key))
 
 
 # --- TFRecord sets (demo test split, retrieval captions) ----------------------------------------
@@ -275,17 +304,32 @@ def count_records(files: Sequence[str]) -> int:
       tf.constant(0, tf.int64), lambda count, _: count + 1).numpy())
 
 
-def _tfrecord_reader(files: Sequence[str], num_examples: int,
-                     features: Dict[str, tf.io.FixedLenFeature],
-                     rename: Dict[str, str]) -> EncodedReader:
-  def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
-    ds = tf.data.TFRecordDataset(list(files)).take(num_examples).shard(num_shards, shard_index)
+def tfrecord_set(path: str, columns: Dict[str, Tuple[str, tf.dtypes.DType]], max_images: int,
+                 whole_files: bool = False) -> Tuple[int, EncodedReader]:
+  """(number of examples, reader) of the first `max_images` records of the TFRecords at `path`.
 
-    def parse(record):
-      example = tf.io.parse_single_example(record, features)
-      return {new: example[old] for old, new in rename.items()}
+  The reader yields {name: value of the feature} for `columns` = {name: (feature, dtype)}, each
+  shard taking every num_shards-th record. With `whole_files`, when every record is read and there
+  are at least as many files as shards, each shard reads whole files instead, so that no process
+  reads another's records.
+  """
+  files = tfrecord_files(path)
+  total = count_records(files)
+  num_examples = num_to_read(total, max_images)
+  features = {feature: tf.io.FixedLenFeature([], dtype) for feature, dtype in columns.values()}
+
+  def parse(record):
+    example = tf.io.parse_single_example(record, features)
+    return {name: example[feature] for name, (feature, _) in columns.items()}
+
+  def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
+    if whole_files and num_examples == total and len(files) >= num_shards:
+      ds = tf.data.TFRecordDataset(files[shard_index::num_shards])
+    else:
+      ds = tf.data.TFRecordDataset(files).take(num_examples).shard(num_shards, shard_index)
     return ds.map(parse)
-  return read
+
+  return num_examples, read
 
 
 def _demo_dir(path: str) -> str:
@@ -304,13 +348,7 @@ def _demo_source(path: str, max_images: int) -> ClassificationSource:
   for key in ("classes", "templates"):
     if key not in meta:
       raise EvalDataError(f"{classes_path} has no {key!r} key")
-  files = tfrecord_files(split_dir)
-  total = count_records(files)
-  num_examples = min(total, max_images) if max_images > 0 else total
-  features = {TFRECORD_FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
-              TFRECORD_FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64)}
-  read = _tfrecord_reader(files, num_examples, features,
-                          {TFRECORD_FEATURE_IMAGE: "image", TFRECORD_FEATURE_LABEL: "label"})
+  num_examples, read = tfrecord_set(split_dir, LABELLED_COLUMNS, max_images)
   return ClassificationSource(name="demo", classnames=[str(c) for c in meta["classes"]],
                               templates=check_templates(meta["templates"], classes_path),
                               num_examples=num_examples, read_encoded=read)
@@ -318,13 +356,7 @@ def _demo_source(path: str, max_images: int) -> ClassificationSource:
 
 def caption_source(path: str, max_images: int = 0) -> CaptionSource:
   """A held-out image-caption set in the LAION TFRecord layout (`jpg`, `txt`)."""
-  files = tfrecord_files(path)
-  total = count_records(files)
-  num_examples = min(total, max_images) if max_images > 0 else total
-  features = {TFRECORD_FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
-              TFRECORD_FEATURE_CAPTION: tf.io.FixedLenFeature([], tf.string)}
-  read = _tfrecord_reader(files, num_examples, features,
-                          {TFRECORD_FEATURE_IMAGE: "image", TFRECORD_FEATURE_CAPTION: "caption"})
+  num_examples, read = tfrecord_set(path, CAPTION_COLUMNS, max_images)
   return CaptionSource(name=os.path.basename(os.path.normpath(path.rstrip("*"))) or "captions",
                        num_examples=num_examples, read_encoded=read)
 
@@ -332,15 +364,13 @@ def caption_source(path: str, max_images: int = 0) -> CaptionSource:
 # --- dispatch -----------------------------------------------------------------------------------
 
 def classification_source(eval_dataset: str, templates_key: str, classnames_file: str = "",
-                          max_images: int = 0) -> ClassificationSource:
-  """The source named by `config.eval_dataset` (see the module docstring for the forms)."""
-  if not eval_dataset:
-    raise EvalDataError("config.eval_dataset is empty")
-  if eval_dataset.startswith(DEMO_PREFIX):
-    return _demo_source(eval_dataset[len(DEMO_PREFIX):], max_images)
-  if eval_dataset.startswith(FOLDER_PREFIX):
-    return _folder_source(eval_dataset[len(FOLDER_PREFIX):], templates_key, classnames_file,
-                          max_images)
-  if tf.io.gfile.isdir(eval_dataset):
-    return _folder_source(eval_dataset, templates_key, classnames_file, max_images)
-  return _tfds_source(eval_dataset, templates_key, classnames_file, max_images)
+                          max_images: int = 0,
+                          key: str = "config.eval_dataset") -> ClassificationSource:
+  """The source named by `eval_dataset`, the value of config key `key` (the forms are in the
+  module docstring)."""
+  spec = dataset_spec.parse(eval_dataset, key)
+  if spec.kind == dataset_spec.DEMO:
+    return _demo_source(spec.path, max_images)
+  if spec.kind == dataset_spec.FOLDER:
+    return _folder_source(spec.path, templates_key, classnames_file, max_images)
+  return _tfds_source(spec, templates_key, classnames_file, max_images)
