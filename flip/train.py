@@ -263,8 +263,7 @@ class TrainingRun:
           scalars["nonfinite_steps_total"] = nonfinite_total
           pending, t_log, step_log = [], time.time(), step
           self.writer.write_scalars(step, scalars)
-          if jax.process_index() == 0:
-            print(format_console(step, self.last_step, scalars), flush=True)
+          print(format_console(step, self.last_step, scalars), flush=True)  # every process
           last_scalars = scalars
           if consecutive_nonfinite >= config.max_consecutive_nonfinite:
             raise NonFiniteError(
