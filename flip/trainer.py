@@ -109,7 +109,7 @@ class Trainer:
         out_axis_resources=(self.state_axes, None), donate_argnums=(0,))
 
   def _init_state(self, rng):
-    variables = self.task.init_variables(rng)
+    variables = flax.core.freeze(self.task.init_variables(rng))
     state = t5x_train_state.FlaxOptimTrainState.create(self.optimizer_def, variables)
     # A strongly typed step, as a restored one is: fresh and resumed runs then share one compiled
     # train step (a weakly typed step is another program, compiled again by every restart).

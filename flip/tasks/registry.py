@@ -12,8 +12,11 @@ declared without its method, a capability method present without its declaration
 or forgotten declaration would otherwise make the loop silently skip it), an abstract method left
 unimplemented, a name registered twice.
 
-Tasks are found by name (`config.task`, or gin's `builders.build_task.task_name`). Task modules
-are imported on first use (`TASK_MODULES`), so naming a task never imports the others' models.
+Tasks are found by name (`config.task`, or gin's `builders.build_task.task_name`). Built-in task
+modules are imported on first use (`TASK_MODULES`), so naming a task never imports the others'
+models; a task of another package is named "<module>:<name>" and its module is imported first.
+A new task is one module: a `Task` subclass decorated with `@register_task("<name>")`
+(docs/ARCHITECTURE.md has an example).
 """
 
 import abc
@@ -171,7 +174,18 @@ def task_names():
 
 
 def task_class(name: str) -> Type[Task]:
-  """The class registered as `name` (importing its module first), or a one-line ConfigError."""
+  """The class registered as `name` (importing its module first), or a one-line ConfigError.
+
+  A task outside this package is named "<module>:<name>": the module is imported (it registers
+  the task) and the task registered as <name> is used.
+  """
+  if ":" in name:
+    module_name, name = name.split(":", 1)
+    try:
+      importlib.import_module(module_name)
+    except ImportError as err:
+      raise config_lib.ConfigError(f"config.task: cannot import task module {module_name!r}: "
+                                   f"{err}") from None
   if name not in _REGISTRY and name in TASK_MODULES:
     importlib.import_module(TASK_MODULES[name])
   if name not in _REGISTRY:
