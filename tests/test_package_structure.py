@@ -1,0 +1,75 @@
+"""The picture of the package, checked from the source (no imports, no compute).
+
+- Only main.py imports the training loop (flip.train); the evaluators never import the loop or
+  the trainer.
+- Nothing in flip/ probes a task with hasattr/getattr: tasks declare capabilities.
+- Private APIs of other libraries (`_src` modules, t5x's underscored attributes) are reached only
+  from flip/compat.py.
+- No module of flip/ is over MAX_MODULE_LINES lines, and each starts with a docstring.
+"""
+
+import ast
+import pathlib
+import re
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLIP = REPO / "flip"
+MAX_MODULE_LINES = 400
+COMPAT = FLIP / "compat.py"
+
+
+def _modules():
+  return sorted(FLIP.rglob("*.py"))
+
+
+def _imported_modules(path: pathlib.Path):
+  tree = ast.parse(path.read_text())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return names
+
+
+def _relative(path: pathlib.Path) -> str:
+  return str(path.relative_to(REPO))
+
+
+def test_only_main_imports_the_loop():
+  importers = [_relative(p) for p in _modules() + sorted((REPO / "bench").glob("*.py"))
+               + sorted((REPO / "scripts").glob("*.py")) if "flip.train" in _imported_modules(p)]
+  assert importers == []
+  assert "flip.train" in _imported_modules(REPO / "main.py")
+
+
+def test_evaluators_do_not_import_the_loop_or_the_trainer():
+  for path in sorted((FLIP / "evals").glob("*.py")):
+    imported = _imported_modules(path)
+    assert not imported & {"flip.train", "flip.trainer"}, _relative(path)
+
+
+def test_no_attribute_probes_on_tasks():
+  probe = re.compile(r"\b(hasattr|getattr)\(\s*(self\.)?task\b")
+  offenders = [f"{_relative(p)}:{i}" for p in _modules() + [REPO / "main.py"]
+               for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]
+  assert offenders == []
+
+
+def test_private_apis_only_in_compat():
+  private = re.compile(r"\b(jax|jaxlib|t5x|seqio|tensorflow|orbax)\b[\w.]*\._src\b"
+                       r"|\bfrom (jax|jaxlib)\._src\b|\._(model_parallel_submesh|ici_mesh_shape|"
+                       r"dcn_mesh_shape|backend|num_partitions)\b")
+  offenders = [f"{_relative(p)}:{i}" for p in _modules() + sorted((REPO / "bench").glob("*.py"))
+               if p != COMPAT
+               for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+  assert offenders == []
+
+
+def test_modules_are_small_and_say_what_they_own():
+  for path in _modules():
+    text = path.read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES, _relative(path)
+    assert ast.get_docstring(ast.parse(text)), f"{_relative(path)} has no module docstring"
