@@ -192,9 +192,10 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_previous_checkpoint_is_in
 _AUDIT = {"active": False, "events": []}
 
 
-def _audit_hook(event, args):
-  if _AUDIT["active"] and event == "pickle.find_class":
-    _AUDIT["events"].append(args)
+def _audit_hook(event, args, audit=_AUDIT):
+  # `audit` is bound now: at interpreter shutdown the module's globals are already gone.
+  if audit["active"] and event == "pickle.find_class":
+    audit["events"].append(args)
 
 
 @pytest.fixture(scope="module")
