@@ -3,9 +3,12 @@
 References: published ViT sizes and an analytic parameter count for the image encoders; a float64
 numpy sin-cos table; the same text without padding for padding invariance; the plain (no remat)
 gradient for the rematerialised ones; t5x's standard logical axis rules read as a table for the
-expected shardings. Big configs only ever go through `jax.eval_shape`, so they cost a trace.
+expected shardings; for the one stack every tower builds (layers.EncoderFields), the stack each
+tower actually runs, with a non-default value in every field. Big configs only ever go through
+`jax.eval_shape`, so they cost a trace.
 """
 
+import dataclasses
 import math
 import pathlib
 
@@ -27,7 +30,9 @@ from flip import partitioning
 from flip import builders
 from flip.models import flip as flip_lib
 from flip.models import layers
+from flip.models import mae as mae_lib
 from flip.models import text as text_lib
+from flip.models import vit as vit_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The FLIP configs (two towers); the MAE / probe / fine-tune configs are tested in test_mae,
@@ -258,6 +263,69 @@ def test_text_pooled_feature_ignores_appended_padding(pool):
   # The same positions filled with a real token id do change the feature: the mask matters.
   filled = np.where(long == text_lib.PAD_ID, 1, long).astype(np.int32)
   assert np.abs(np.asarray(encode(variables, filled)) - pooled_long).max() > 1e-3
+
+
+# --- one stack for every tower --------------------------------------------------------------------
+
+# A value other than the default for every field of the stack.
+STACK_FIELDS = dict(num_layers=2, num_heads=2, mlp_dim=24, dropout_rate=0.1,
+                    attention_dropout_rate=0.2, droppath_rate=0.3, remat_policy="full",
+                    layernorm_epsilon=1e-5, gelu="tanh", dtype=jnp.bfloat16)
+
+
+def _encoders_called(module, *args, **kwargs):
+  """The `layers.Encoder` instances that `module.init(*args, **kwargs)` runs."""
+  found = []
+
+  def record(next_fun, fun_args, fun_kwargs, context):
+    if isinstance(context.module, layers.Encoder) and context.method_name == "__call__":
+      found.append(context.module)
+    return next_fun(*fun_args, **fun_kwargs)
+
+  with flax.linen.intercept_methods(record):
+    jax.eval_shape(lambda: module.init(rngs(), *args, **kwargs))
+  return found
+
+
+def test_every_tower_gives_its_encoder_all_its_stack_fields():
+  stack_names = {f.name for f in dataclasses.fields(layers.EncoderFields)} - {"parent", "name"}
+  assert set(STACK_FIELDS) == stack_names
+  defaults = layers.Encoder(num_layers=1, num_heads=1, mlp_dim=1)
+  assert all(getattr(defaults, k) != v for k, v in STACK_FIELDS.items())
+  towers = [
+      (vit_lib.VisionTransformer(patch_size=(4, 4), hidden_size=8, **STACK_FIELDS),
+       (jnp.zeros((1, 8, 8, 3), jnp.uint8),), {}),
+      (text_lib.TextTransformer(vocab_size=10, max_len=4, hidden_size=8, **STACK_FIELDS),
+       (jnp.ones((1, 4), jnp.int32),), {}),
+      (mae_lib.MaeDecoder(hidden_size=8, **STACK_FIELDS),
+       (jnp.zeros((1, 2, 8)), jnp.arange(4)[None], (2, 2), 0, 48), {}),
+  ]
+  for tower, args, kwargs in towers:
+    (encoder,) = _encoders_called(tower, *args, train=True, **kwargs)
+    assert encoder.name == "Transformer" and encoder.final_norm
+    assert {k: getattr(encoder, k) for k in STACK_FIELDS} == STACK_FIELDS, type(tower).__name__
+
+
+def test_config_keys_reach_the_towers_fields():
+  config = load("configs/cfg_flip_base.py:smoke",
+                ["model.model_img.transformer.gelu=tanh",
+                 "model.model_txt.transformer.remat_policy=actcp",
+                 "model.clr.tau_init=0.5"])
+  # The other tower keeps a different value, so crossed wires would show.
+  assert config.model.model_txt.transformer.gelu != "tanh"
+  assert config.model.model_img.transformer.remat_policy != "actcp"
+  model = flip_lib.flip_model_from_config(config)
+  img = vit_lib.VisionTransformer(**model.img)
+  txt = text_lib.TextTransformer(**model.txt)
+  assert (img.gelu, txt.gelu) == ("tanh", config.model.model_txt.transformer.gelu)
+  assert (img.remat_policy, txt.remat_policy) == (
+      config.model.model_img.transformer.remat_policy, "actcp")
+  assert img.num_layers == config.model.model_img.transformer.num_layers
+  assert txt.max_len == config.aug.txt.max_len
+  assert img.layernorm_epsilon == config.model.model_img.layernorm_epsilon
+  assert model.tau_init == 0.5
+  decoder = mae_lib.decoder_kwargs_from_config(load("cfg_mae_demo").model.decoder)
+  assert (decoder["hidden_size"], decoder["num_layers"], decoder["mlp_dim"]) == (64, 2, 256)
 
 
 # --- remat ----------------------------------------------------------------------------------------

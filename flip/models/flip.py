@@ -107,14 +107,8 @@ def flip_model_from_config(config: Any) -> FlipModel:
   return FlipModel(
       img=vit_lib.vit_kwargs_from_config(config.model.model_img),
       txt=text_lib.text_kwargs_from_config(config.model.model_txt, config.aug.txt.max_len),
-      proj_dim_out=clr.proj_dim_out,
-      proj_out_bias=clr.proj_out_bias,
-      loss=clr.loss,
-      tau=clr.tau,
-      tau_learnable=clr.tau_learnable,
-      tau_init=clr.tau_init,
-      max_logit_scale=clr.max_logit_scale,
-      sigmoid_init_scale=clr.sigmoid_init_scale,
-      sigmoid_init_bias=clr.sigmoid_init_bias,
+      **layers.config_fields(clr, ("proj_dim_out", "proj_out_bias", "loss", "tau", "tau_learnable",
+                                   "tau_init", "max_logit_scale", "sigmoid_init_scale",
+                                   "sigmoid_init_bias")),
       dtype=dtype,
   )

@@ -1,5 +1,9 @@
 """Transformer building blocks shared by every tower (ViT, text, MAE decoder).
 
+Every tower is built around one `Encoder` stack: it inherits the stack's hyperparameters from
+`EncoderFields` and builds its stack with `encoder_of`; `ENCODER_CONFIG_KEYS`, `config_fields` and
+`checked_fields` map the config keys of the same names onto those fields.
+
 Every parameter is declared with `flax.linen.partitioning.param_with_axes`, so its logical axis
 names land in the `params_axes` collection that t5x's `FlaxOptimTrainState` and
 `PjitPartitioner.get_mesh_axes` read; the main activations are constrained with logical names
@@ -26,8 +30,9 @@ Decisions where FLIP/ViT are silent or differ between codebases:
   batch dimensions) and recomputes the cheap element-wise work, the attention scores and softmax.
 """
 
+import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 from flax.linen import partitioning as nn_partitioning
@@ -235,8 +240,12 @@ class EncoderBlock(nn.Module):
     return with_sharding_constraint(x, ("batch", "length", "embed"))
 
 
-class Encoder(nn.Module):
-  """A stack of `EncoderBlock`s (drop path rising linearly with depth) and a final LayerNorm."""
+class EncoderFields(nn.Module):
+  """The hyperparameters of one `Encoder` stack: the fields of the stack and of every tower.
+
+  The towers (ViT, text, MAE decoder) redeclare the first three with their own defaults and build
+  their stack with `encoder_of`, so a new field of the stack reaches all of them from here.
+  """
 
   num_layers: int
   num_heads: int
@@ -247,8 +256,19 @@ class Encoder(nn.Module):
   remat_policy: str = "none"
   layernorm_epsilon: float = 1e-6
   gelu: str = "exact"
-  final_norm: bool = True
   dtype: Dtype = jnp.float32
+
+
+# The config keys (`transformer` of FLIP's towers, `model.decoder` of MAE) of the same name as the
+# stack's fields; `layernorm_epsilon` and `dtype` are set per tower and per experiment.
+ENCODER_CONFIG_KEYS = ("num_layers", "num_heads", "mlp_dim", "dropout_rate",
+                       "attention_dropout_rate", "droppath_rate", "remat_policy", "gelu")
+
+
+class Encoder(EncoderFields):
+  """A stack of `EncoderBlock`s (drop path rising linearly with depth) and a final LayerNorm."""
+
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Optional[Array] = None, *, train: bool) -> Array:
@@ -272,6 +292,14 @@ class Encoder(nn.Module):
     if self.final_norm:
       x = LayerNorm(self.layernorm_epsilon, self.dtype, name="encoder_norm")(x)
     return x
+
+
+def encoder_of(tower: EncoderFields, name: str = "Transformer") -> Encoder:
+  """The `Encoder` that a tower's fields describe, as its submodule `name` (call it from the
+  tower's compact method)."""
+  fields = {f.name: getattr(tower, f.name) for f in dataclasses.fields(EncoderFields)
+            if f.name not in ("parent", "name")}
+  return Encoder(**fields, name=name)
 
 
 def sincos_1d(positions: Array, width: int, temperature: float) -> Array:
@@ -307,3 +335,15 @@ def as_dtype(name_or_dtype: Any) -> Dtype:
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
   if value not in choices:
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def config_fields(config: Any, keys: Sequence[str]) -> Dict[str, Any]:
+  """{key: config.key} for config keys spelled like the model fields they set."""
+  return {key: getattr(config, key) for key in keys}
+
+
+def checked_fields(module_cls: type, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+  """`kwargs`, asserted to name fields of `module_cls` only (a config mapping's own check)."""
+  field_names = {f.name for f in dataclasses.fields(module_cls)}
+  assert set(kwargs) <= field_names, set(kwargs) - field_names
+  return kwargs

@@ -26,7 +26,6 @@ Decisions where MAE's code differs from ours or is silent:
   which no rule shards (replicated).
 """
 
-import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -42,20 +41,15 @@ Array = jax.Array
 MASK_TOKEN_INIT_STDDEV = 0.02  # MAE: torch.nn.init.normal_(self.mask_token, std=.02)
 
 
-class MaeDecoder(nn.Module):
+class MaeDecoder(layers.EncoderFields):
   """Mask tokens, patch-order restore, sin-cos positions, transformer, per-patch pixel head."""
 
-  hidden_size: int = 512
+  # The stack's fields come from layers.EncoderFields; these three with this tower's defaults.
   num_layers: int = 8
   num_heads: int = 16
   mlp_dim: int = 2048
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  remat_policy: str = "none"
-  layernorm_epsilon: float = 1e-6
-  gelu: str = "exact"
-  dtype: Any = jnp.float32
+
+  hidden_size: int = 512
 
   @nn.compact
   def __call__(self, tokens: Array, restore_indices: Array, grid: Tuple[int, int],
@@ -81,12 +75,7 @@ class MaeDecoder(nn.Module):
     x = x + layers.sincos_2d(grid[0], grid[1], self.hidden_size)[None].astype(self.dtype)
     x = jnp.concatenate([prefix, x], axis=1)
     x = layers.with_sharding_constraint(x, ("batch", "length", "embed"))
-    x = layers.Encoder(
-        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, remat_policy=self.remat_policy,
-        layernorm_epsilon=self.layernorm_epsilon, gelu=self.gelu, dtype=self.dtype,
-        name="Transformer")(x, None, train=train)
+    x = layers.encoder_of(self)(x, None, train=train)
     pred = layers.Dense(num_pixels, ("embed", "pixels"), dtype=self.dtype, name="decoder_pred")(
         x[:, num_prefix_tokens:])
     return pred.astype(jnp.float32)
@@ -130,21 +119,8 @@ class MaskedAutoencoder(nn.Module):
 
 def decoder_kwargs_from_config(decoder_config: Any) -> Dict[str, Any]:
   """`config.model.decoder` -> MaeDecoder fields."""
-  kwargs = dict(
-      hidden_size=decoder_config.hidden_size,
-      num_layers=decoder_config.num_layers,
-      num_heads=decoder_config.num_heads,
-      mlp_dim=decoder_config.mlp_dim,
-      dropout_rate=decoder_config.dropout_rate,
-      attention_dropout_rate=decoder_config.attention_dropout_rate,
-      droppath_rate=decoder_config.droppath_rate,
-      remat_policy=decoder_config.remat_policy,
-      layernorm_epsilon=decoder_config.layernorm_epsilon,
-      gelu=decoder_config.gelu,
-  )
-  field_names = {f.name for f in dataclasses.fields(MaeDecoder)}
-  assert set(kwargs) <= field_names, set(kwargs) - field_names
-  return kwargs
+  return layers.checked_fields(MaeDecoder, layers.config_fields(
+      decoder_config, ("hidden_size", "layernorm_epsilon") + layers.ENCODER_CONFIG_KEYS))
 
 
 def mae_from_config(config: Any) -> MaskedAutoencoder:

@@ -7,7 +7,6 @@ features of the real tokens; FLIP's tokenizer adds no [CLS], so the pooled featu
 first word (`pool="first"`, FLIP's `txt_avg_token=False`); `pool="avg"` averages the real tokens.
 """
 
-import dataclasses
 from typing import Any, Dict
 
 import flax.linen as nn
@@ -31,23 +30,18 @@ def padded_vocab_rows(vocab_size: int) -> int:
   return -(-vocab_size // VOCAB_ROW_MULTIPLE) * VOCAB_ROW_MULTIPLE
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(layers.EncoderFields):
   """Encodes int token ids [B, L] (pad = 0) into pooled features [B, D] and tokens [B, L, D]."""
+
+  # The stack's fields come from layers.EncoderFields; these three with this tower's defaults.
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
 
   vocab_size: int = 30523
   max_len: int = 32
   hidden_size: int = 768
-  num_layers: int = 12
-  num_heads: int = 12
-  mlp_dim: int = 3072
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  remat_policy: str = "none"
   pool: str = "first"
-  layernorm_epsilon: float = 1e-6
-  gelu: str = "exact"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: Array, *, train: bool) -> Dict[str, Array]:
@@ -69,12 +63,7 @@ class TextTransformer(nn.Module):
     x = layers.with_sharding_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 
-    x = layers.Encoder(
-        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, remat_policy=self.remat_policy,
-        layernorm_epsilon=self.layernorm_epsilon, gelu=self.gelu, dtype=self.dtype,
-        name="Transformer")(x, key_mask, train=train)
+    x = layers.encoder_of(self)(x, key_mask, train=train)
 
     if self.pool == "first":
       pooled = x[:, 0]
@@ -88,23 +77,9 @@ class TextTransformer(nn.Module):
 def text_kwargs_from_config(txt_config: Any, max_len: int,
                             dtype: Any = jnp.float32) -> Dict[str, Any]:
   """`config.model.model_txt` (FLIP's key names) + `config.aug.txt.max_len` -> fields."""
-  transformer = txt_config.transformer
-  kwargs = dict(
-      vocab_size=txt_config.vocab_size,
+  return layers.checked_fields(TextTransformer, dict(
+      layers.config_fields(txt_config.transformer, layers.ENCODER_CONFIG_KEYS),
       max_len=max_len,
-      hidden_size=txt_config.hidden_size,
-      num_layers=transformer.num_layers,
-      num_heads=transformer.num_heads,
-      mlp_dim=transformer.mlp_dim,
-      dropout_rate=transformer.dropout_rate,
-      attention_dropout_rate=transformer.attention_dropout_rate,
-      droppath_rate=transformer.droppath_rate,
-      remat_policy=transformer.remat_policy,
-      pool=txt_config.pool,
-      layernorm_epsilon=txt_config.layernorm_epsilon,
-      gelu=transformer.gelu,
-      dtype=dtype,
-  )
-  field_names = {f.name for f in dataclasses.fields(TextTransformer)}
-  assert set(kwargs) <= field_names, set(kwargs) - field_names
-  return kwargs
+      **layers.config_fields(txt_config, ("vocab_size", "hidden_size", "pool",
+                                          "layernorm_epsilon")),
+      dtype=dtype))

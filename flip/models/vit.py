@@ -12,7 +12,6 @@ embedding and is never dropped. With `mask_ratio == 0` no mask is drawn and no g
 unmasked path is the plain ViT.
 """
 
-import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -73,27 +72,22 @@ class PatchEmbedding(nn.Module):
     return jnp.dot(patches, flat_kernel) + bias.astype(self.dtype)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(layers.EncoderFields):
   """ViT encoder returning pooled features and the encoded tokens."""
 
-  patch_size: Tuple[int, int] = (16, 16)
-  hidden_size: int = 1024
+  # The stack's fields come from layers.EncoderFields; these three with this tower's defaults.
   num_layers: int = 24
   num_heads: int = 16
   mlp_dim: int = 4096
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  remat_policy: str = "none"
+
+  patch_size: Tuple[int, int] = (16, 16)
+  hidden_size: int = 1024
   mask_ratio: float = 0.0
   sincos: bool = True
   use_cls_token: bool = False
   pool: str = "avg"
-  layernorm_epsilon: float = 1e-6
-  gelu: str = "exact"
   pixel_mean: Tuple[float, ...] = IMAGENET_MEAN_RGB
   pixel_std: Tuple[float, ...] = IMAGENET_STD_RGB
-  dtype: Any = jnp.float32
 
   def grid(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
     return image_size[0] // self.patch_size[0], image_size[1] // self.patch_size[1]
@@ -148,12 +142,7 @@ class VisionTransformer(nn.Module):
                            x], axis=1)
 
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    x = layers.Encoder(
-        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, remat_policy=self.remat_policy,
-        layernorm_epsilon=self.layernorm_epsilon, gelu=self.gelu, dtype=self.dtype,
-        name="Transformer")(x, None, train=train)
+    x = layers.encoder_of(self)(x, None, train=train)
 
     if self.pool == "cls":
       pooled = x[:, 0]
@@ -165,25 +154,9 @@ class VisionTransformer(nn.Module):
 
 def vit_kwargs_from_config(img_config: Any, dtype: Any = jnp.float32) -> Dict[str, Any]:
   """`config.model.model_img` (FLIP's key names) -> VisionTransformer fields."""
-  transformer = img_config.transformer
-  kwargs = dict(
+  return layers.checked_fields(VisionTransformer, dict(
+      layers.config_fields(img_config.transformer, layers.ENCODER_CONFIG_KEYS),
       patch_size=tuple(img_config.patches.size),
-      hidden_size=img_config.hidden_size,
-      num_layers=transformer.num_layers,
-      num_heads=transformer.num_heads,
-      mlp_dim=transformer.mlp_dim,
-      dropout_rate=transformer.dropout_rate,
-      attention_dropout_rate=transformer.attention_dropout_rate,
-      droppath_rate=transformer.droppath_rate,
-      remat_policy=transformer.remat_policy,
-      mask_ratio=img_config.mask_ratio,
-      sincos=img_config.sincos,
-      use_cls_token=img_config.use_cls_token,
-      pool=img_config.pool,
-      layernorm_epsilon=img_config.layernorm_epsilon,
-      gelu=transformer.gelu,
-      dtype=dtype,
-  )
-  field_names = {f.name for f in dataclasses.fields(VisionTransformer)}
-  assert set(kwargs) <= field_names, set(kwargs) - field_names
-  return kwargs
+      **layers.config_fields(img_config, ("hidden_size", "mask_ratio", "sincos", "use_cls_token",
+                                          "pool", "layernorm_epsilon")),
+      dtype=dtype))
