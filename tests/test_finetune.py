@@ -28,7 +28,7 @@ FINETUNE_SMOKE = "configs/cfg_finetune_base.py:smoke"
 TINY = ("image_size=16", "model.model_img.patches.size=(4, 4)", "model.model_img.hidden_size=32",
         "model.model_img.transformer.mlp_dim=64", "model.model_img.transformer.num_heads=2",
         "model.model_img.transformer.num_layers=3", "data.num_classes=10",
-        "data.train=", "data.eval=")
+        "data.train=", "evals.classification.dataset=")
 
 
 def finetune_config(*overrides):

@@ -38,7 +38,8 @@ MAE_SMOKE = "configs/cfg_mae_base.py:smoke"
 # FLIP checkpoint of that config fits; MAE-family configs have a class token, FLIP's tower not.
 TOWER = ("image_size=16", "model.model_img.patches.size=(8, 8)", "model.model_img.hidden_size=32",
          "model.model_img.transformer.mlp_dim=64", "model.model_img.transformer.num_heads=2",
-         "model.model_img.transformer.num_layers=1", "data.train=", "data.eval=")
+         "model.model_img.transformer.num_layers=1", "data.train=")
+NO_HELDOUT = "evals.classification.dataset="  # the probe's and fine-tuning's held-out evaluation
 FLIP_TOWER = ("model.model_img.use_cls_token=False", "model.model_img.pool=avg")
 NUM_CLASSES = 10
 WIDTH = 32
@@ -46,13 +47,13 @@ NUM_PROBE_STEPS = 4
 
 
 def probe_config(*overrides):
-  return config_lib.load_config(PROBE_SMOKE, list(TOWER) + [f"data.num_classes={NUM_CLASSES}"]
-                                + list(overrides))
+  return config_lib.load_config(PROBE_SMOKE, list(TOWER) + [f"data.num_classes={NUM_CLASSES}",
+                                                            NO_HELDOUT] + list(overrides))
 
 
 def finetune_config(*overrides):
-  return config_lib.load_config(FINETUNE_SMOKE, list(TOWER) + [f"data.num_classes={NUM_CLASSES}"]
-                                + list(overrides))
+  return config_lib.load_config(FINETUNE_SMOKE, list(TOWER) + [f"data.num_classes={NUM_CLASSES}",
+                                                               NO_HELDOUT] + list(overrides))
 
 
 def save_initial_state(config, workdir):
@@ -75,7 +76,8 @@ def flip_checkpoint(tmp_path_factory):
 def mae_checkpoint(tmp_path_factory):
   config = config_lib.load_config(MAE_SMOKE, list(TOWER) + [
       "seed_jax=11", "model.decoder.hidden_size=16", "model.decoder.mlp_dim=32",
-      "model.decoder.num_heads=2", "model.decoder.num_layers=1", "visualize.num_images=0"])
+      "model.decoder.num_heads=2", "model.decoder.num_layers=1",
+      "evals.reconstruction.dataset="])
   return save_initial_state(config, str(tmp_path_factory.mktemp("mae_ckpt")))
 
 
@@ -252,13 +254,15 @@ def test_probe_of_the_mae_demo_encoder_beats_the_probe_of_a_random_encoder(tmp_p
   from flip.data import demo  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("demo_mae")
   demo.build_demo(str(fashion_mnist_dir), str(root / "data"))
-  data = [f"data.train=demo:{root / 'data'}", f"data.eval=demo:{root / 'data'}"]
-  mae_config = config_lib.load_config("configs/cfg_mae_demo.py", data + ["visualize.num_images=0"])
+  train_data = f"data.train=demo:{root / 'data'}"
+  mae_config = config_lib.load_config("configs/cfg_mae_demo.py",
+                                      [train_data, "evals.reconstruction.dataset="])
   train.train_and_evaluate(mae_config, str(root / "mae"))
 
   def probe_top1(name, pretrain_dir):
-    config = config_lib.load_config("configs/cfg_linprobe_demo.py",
-                                    data + [f"pretrain_dir={pretrain_dir}"])
+    config = config_lib.load_config("configs/cfg_linprobe_demo.py", [
+        train_data, f"evals.classification.dataset=demo:{root / 'data'}",
+        f"pretrain_dir={pretrain_dir}"])
     metrics = train.train_and_evaluate(config, str(root / name))["metrics"]
     return metrics["classification/demo/top1"]
 
