@@ -491,3 +491,61 @@ def test_evaluators_fail_early_on_missing_data_and_can_be_off(tmp_path, monkeypa
   assert "\n" not in str(err.value) and "imagenet2012:5.*.*" in str(err.value)
   off = smoke_config(tmp_path, eval_dataset="")
   assert registry.build_evaluators(off, context) == []
+
+
+def write_caption_set(directory, images, captions, broken=()):
+  """A held-out caption set in the LAION TFRecord layout (`jpg`, `txt`); indices in `broken` get
+  bytes that are not an image."""
+  os.makedirs(directory)
+  with tf.io.TFRecordWriter(os.path.join(directory, "00000.tfrecord")) as writer:
+    for index, (image, caption) in enumerate(zip(images, captions)):
+      encoded = (b"not a jpeg" if index in broken else tf.io.encode_jpeg(image).numpy())
+      feature = {
+          "jpg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+          "txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[caption.encode()])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                   .SerializeToString())
+
+
+def test_retrieval_evaluator_matches_plain_jit_embeddings_and_counts_skipped_pairs(tmp_path):
+  rng = np.random.RandomState(5)
+  num_pairs, broken = 11, (4,)
+  config = smoke_config(tmp_path, eval_dataset="")
+  size = config.image_size
+  images = rng.randint(0, 256, (num_pairs, size, size, 3)).astype(np.uint8)
+  captions = [f"a photo of {FASHION_CLASSES[i % 10].lower()} number {i}" for i in range(num_pairs)]
+  write_caption_set(str(tmp_path / "captions"), images, captions, broken)
+  with config.unlocked():
+    config.evals.retrieval.dataset = str(tmp_path / "captions")
+    config.evals.retrieval.batch_size = 8
+  task = builders.build_task(config)
+  context = eval_only.make_context(config, task, builders.checked_partitioner(config),
+                                   str(tmp_path))
+  (ev,) = registry.build_evaluators(config, context)
+  assert isinstance(ev, retrieval.RetrievalEvaluator) and ev.source.num_examples == num_pairs
+  host_params = jax.device_get(jax.jit(task.init_variables)(jax.random.PRNGKey(2))["params"])
+  params = builders.place_host_tree(host_params, context.params_axes, context.partitioner.mesh)
+  metrics = ev.run(params, {}, 1)
+
+  # The images the data layer hands the evaluator (its crop: config.aug.eval_crop_fraction).
+  decoded = list(ev.source.dataset(0, 1, size, config.aug.eval_crop_fraction)
+                 .as_numpy_iterator())
+  kept = [i for i in range(num_pairs) if i not in broken]
+  assert [ex["caption"].decode() for ex in decoded] == [captions[i] for i in kept]
+  with jax.default_device(jax.devices()[0]):
+    img = np.asarray(jax.jit(task.encode_image)(host_params,
+                                                np.stack([ex["image"] for ex in decoded])))
+    tokens = zeroshot.make_tokenizer(config)([captions[i] for i in kept])
+    txt = np.asarray(jax.jit(task.encode_text)(host_params, tokens))
+  scores = img.astype(np.float64) @ txt.astype(np.float64).T
+  gaps = np.abs(scores - np.diag(scores)[:, None]) + np.eye(len(kept))
+  gaps_t2i = np.abs(scores - np.diag(scores)[None, :]) + np.eye(len(kept))
+  # No near-ties (the seed is chosen so): another float32 summation order cannot reorder.
+  assert min(gaps.min(), gaps_t2i.min()) > 1e-4, (gaps.min(), gaps_t2i.min())
+  reference = retrieval.retrieval_metrics(img, txt)
+  assert metrics[f"retrieval/captions/num_pairs"] == len(kept)
+  assert metrics[f"retrieval/captions/num_skipped"] == len(broken)
+  for key, value in reference.items():
+    assert metrics[f"retrieval/captions/{key}"] == pytest.approx(value)
+  assert 0 < reference["i2t_r1"] < 1 or 0 < reference["t2i_r5"] < 1  # not a degenerate case
