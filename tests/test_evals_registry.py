@@ -147,6 +147,16 @@ def test_bad_entries_are_refused_in_one_line_naming_the_key(recorder):
     assert str(err.value) == message
 
 
+def test_an_entry_that_is_not_a_config_dict_is_refused_in_one_line():
+  config = flip_config()
+  with config.unlocked():
+    config.evals.e = "zeroshot"
+  for call in (registry.enabled_names, lambda c: registry.build_evaluators(c, context_for(c))):
+    with pytest.raises(core.EvalConfigError) as err:
+      call(config)
+    assert str(err.value) == "config.evals.e must be a ConfigDict entry, got str"
+
+
 def test_run_prints_the_eval_line_and_returns_the_scalars(recorder, capsys):
   config = with_entry(flip_config(), "r", type="recorder", dataset="x")
   (ev,) = registry.build_evaluators(config, context_for(config))

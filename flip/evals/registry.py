@@ -143,24 +143,27 @@ def evaluator_class(type_name: str, key: str = EVALS_KEY) -> Type[Evaluator]:
   return _REGISTRY[type_name]
 
 
+_MAPPINGS = (ml_collections.ConfigDict, dict)
+
+
 def entries(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """`config.evals` by name (empty when the config has none)."""
+  """`config.evals` by name (empty when the config has none); each entry a ConfigDict or dict."""
   evals = config.get("evals")
   if evals is None:
     return {}
-  if not isinstance(evals, (ml_collections.ConfigDict, dict)):
+  if not isinstance(evals, _MAPPINGS):
     raise core.EvalConfigError(f"{EVALS_KEY} must be a ConfigDict of named entries, got "
                                f"{type(evals).__name__}")
+  for name, entry in evals.items():
+    if not isinstance(entry, _MAPPINGS):
+      raise core.EvalConfigError(f"{EVALS_KEY}.{name} must be a ConfigDict entry, got "
+                                 f"{type(entry).__name__}")
   return dict(evals.items())
 
 
 def enabled_names(config: ml_collections.ConfigDict) -> List[str]:
   """Names of the entries that have a dataset (the others are off)."""
-  return [name for name, entry in entries(config).items() if _get(entry, "dataset", "")]
-
-
-def _get(entry: Any, key: str, default: Any) -> Any:
-  return entry.get(key, default) if hasattr(entry, "get") else default
+  return [name for name, entry in entries(config).items() if entry.get("dataset", "")]
 
 
 def resolve_settings(name: str, entry: Any, cls: Type[Evaluator],
@@ -193,13 +196,10 @@ def build_evaluators(config: ml_collections.ConfigDict, context: EvalContext) ->
   task = context.task
   evaluators = []
   for name, entry in entries(config).items():
-    if not isinstance(entry, (ml_collections.ConfigDict, dict)):
-      raise core.EvalConfigError(f"{EVALS_KEY}.{name} must be a ConfigDict entry, got "
-                                 f"{type(entry).__name__}")
-    if not _get(entry, "dataset", ""):
+    if not entry.get("dataset", ""):
       continue
     type_key = f"{EVALS_KEY}.{name}.type"
-    type_name = _get(entry, "type", "")
+    type_name = entry.get("type", "")
     if not type_name:
       raise core.EvalConfigError(f"{type_key} is empty; known types: "
                                  f"{', '.join(evaluator_types())}")
