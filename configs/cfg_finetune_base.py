@@ -61,6 +61,7 @@ def get_finetune_config(size: str) -> ml_collections.ConfigDict:
   config.save_every_epochs = 10.0
   config.eval_every_epochs = 10.0  # ours: held-out top-1/top-5
   config.log_every_steps = 100
+  config.evals.classification = cfg_mae_base.classification_eval(config)
   return config
 
 

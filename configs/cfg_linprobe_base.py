@@ -46,6 +46,7 @@ def get_linprobe_config(size: str) -> ml_collections.ConfigDict:
   config.save_every_epochs = 10.0
   config.eval_every_epochs = 10.0  # ours: held-out top-1/top-5
   config.log_every_steps = 50
+  config.evals.classification = cfg_mae_base.classification_eval(config)
   return config
 
 

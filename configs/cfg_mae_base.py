@@ -5,8 +5,9 @@ Vision Learners" (CVPR 2022) and its official recipes (facebookresearch/mae PRET
 FINETUNE.md, LINPROBE.md). Keys marked "ours" are this project's (docs/MAE.md lists them all).
 
 `image_family_config(size)` is `configs/default.py` without FLIP's text tower, contrastive head,
-LAION and zero-shot keys, with a ViT of the given size and the `config.data` section
-(flip.data.classification) that pretraining, probing and fine-tuning read. Every MAE-family config
+LAION keys and evaluations, with a ViT of the given size and the `config.data` section
+(flip.data.classification) that pretraining, probing and fine-tuning read; each task's config adds
+its own entry to `config.evals` (MAE: "reconstruction"; probe and fine-tuning: "classification"). Every MAE-family config
 takes `:smoke` (a CPU-sized run of the same experiment, like the FLIP configs).
 """
 
@@ -31,7 +32,7 @@ SMOKE = dict(image_size=32, patch=8, width=64, depth=2, heads=2, decoder_width=3
 
 # Keys of the FLIP default that an image-only task never reads.
 _TEXT_AND_LAION_KEYS = ("laion_path", "laion_rates", "laion_filter", "shuffle_buffer_size",
-                        "laion_cycle_length", "laion_read_chunk_bytes", "zeroshot")
+                        "laion_cycle_length", "laion_read_chunk_bytes", "evals")
 
 
 def image_family_config(size: str = "base") -> ml_collections.ConfigDict:
@@ -41,14 +42,12 @@ def image_family_config(size: str = "base") -> ml_collections.ConfigDict:
   del config.model.model_txt
   del config.model.clr
   del config.aug.txt
-  config.eval_dataset = ""  # zero-shot needs a text tower; config.data.eval is evaluated instead
+  config.eval_dataset = ""  # zero-shot needs a text tower; each task adds its own config.evals
+  config.evals = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict()
   config.data.train = IMAGENET_TFDS  # ours: tfds name, image folder or demo:<dir> (train split)
-  config.data.eval = IMAGENET_TFDS  # ours: held-out split (tfds validation), "" = none
   config.data.num_classes = IMAGENET_CLASSES
-  config.data.eval_batch_size = 1024  # ours: global images per evaluation step
-  config.data.eval_max_images = 0  # ours: 0 = all
   config.data.shuffle_buffer_size = 10000  # ours: encoded examples per host (saved with the iterator)
 
   config.image_size = 224  # MAE
@@ -59,10 +58,16 @@ def image_family_config(size: str = "base") -> ml_collections.ConfigDict:
   config.model.model_img.pool = "cls"
   config.model.model_img.mask_ratio = 0.0
   config.aug.eval_crop_fraction = 0.875  # MAE evaluation: resize 256, centre crop 224
-  config.visualize = ml_collections.ConfigDict()
-  config.visualize.num_images = 0  # ours: reconstruction grid rows in tensorboard (MAE only)
-  config.visualize.seed = 0  # ours: seed of the grid's masks
   return config
+
+
+def classification_eval(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Held-out top-1/top-5 of a probe or fine-tuning (flip.evals.classification)."""
+  return default.eval_entry(
+      config, "classification",
+      IMAGENET_TFDS,  # ours: held-out split (tfds validation), "" = none
+      batch_size=1024,  # ours: global images per evaluation step
+      max_images=0)  # ours: 0 = all
 
 
 def get_mae_config(size: str) -> ml_collections.ConfigDict:
@@ -99,7 +104,11 @@ def get_mae_config(size: str) -> ml_collections.ConfigDict:
   config.save_every_epochs = 20.0  # MAE: checkpoint every 20 epochs
   config.eval_every_epochs = 20.0  # ours: reconstruction grid
   config.log_every_steps = 100
-  config.visualize.num_images = 8
+  # ours: reconstruction grid (tensorboard) and held-out loss (flip.evals.reconstruction)
+  config.evals.reconstruction = default.eval_entry(
+      config, "reconstruction", IMAGENET_TFDS,  # held-out split (tfds validation); "" = off
+      num_images=8,  # grid rows
+      seed=0)  # seed of the grid's masks
   return config
 
 
@@ -123,8 +132,11 @@ def apply_image_arg(config: ml_collections.ConfigDict, arg) -> ml_collections.Co
   config.num_epochs = s["num_epochs"]
   config.warmup_epochs = s["warmup_epochs"]
   config.log_every_steps = s["log_every_steps"]
-  config.data.eval_batch_size = s["eval_batch_size"]
-  config.visualize.num_images = min(config.visualize.num_images, s["num_images"])
+  for entry in config.evals.values():
+    if "batch_size" in entry:
+      entry.batch_size = s["eval_batch_size"]
+    if "num_images" in entry:
+      entry.num_images = min(entry.num_images, s["num_images"])
   return config
 
 

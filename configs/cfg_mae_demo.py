@@ -27,9 +27,11 @@ DEMO_BATCH_SIZE = 128
 def demo_data_and_encoder(config):
   """The demo's data keys, encoder size and batch size on any MAE-family config."""
   config.data.train = DEMO_DATA
-  config.data.eval = DEMO_DATA
   config.data.num_classes = DEMO_CLASSES
-  config.data.eval_batch_size = 1000
+  for entry in config.evals.values():  # held-out evaluation on the demo's test split
+    entry.dataset = DEMO_DATA
+    if "batch_size" in entry:
+      entry.batch_size = 1000
   config.samples_per_epoch = DEMO_SAMPLES
   config.image_size = DEMO_IMAGE_SIZE
   default.set_img_tower(config, patch=DEMO_ENCODER["patch"], width=DEMO_ENCODER["width"],

@@ -77,20 +77,25 @@ def get_config(arg=None):
   config.resume_dir = ""  # FLIP: resume from this dir instead of workdir
   config.pretrain_dir = ""  # FLIP: load params only (unmasked tuning, evaluation)
   config.eval_only = False  # FLIP
-  config.eval_every_epochs = 1000.0  # ours: zero-shot during training (and at the end)
+  config.eval_every_epochs = 1000.0  # ours: config.evals during training (and at the end)
   config.seed_jax = 0  # FLIP
   config.seed_tf = 0  # FLIP
   config.dtype = "float32"  # ours: compute dtype (bfloat16 for accelerators); params stay float32
   config.max_consecutive_nonfinite = 20  # ours: stop after this many skipped non-finite steps
 
-  # Zero-shot classification and retrieval (ours; flip.evaluate).
-  config.zeroshot = ml_collections.ConfigDict()
-  config.zeroshot.templates = "templates_full"  # key in flip/assets/imagenet_zeroshot.json (CLIP's 80)
-  config.zeroshot.batch_size = 1024  # global; must divide by the data-parallel size
-  config.zeroshot.canonicalize = False  # reported numbers: the training tokenizer only
-  config.zeroshot.classnames_file = ""  # image folders: default <dir>/classnames.txt
-  config.zeroshot.retrieval_path = ""  # held-out LAION-layout caption TFRecords; "" = off
-  config.zeroshot.max_images = 0  # 0 = all
+  # Evaluations (ours; flip.evals, docs/EVALUATORS.md): named entries, each with its type, dataset
+  # ("" = off), global batch size and period (every_epochs: the same as eval_every_epochs unless
+  # set), plus its type's keys.
+  config.evals = ml_collections.ConfigDict()
+  # FLIP's zero-shot evaluation reads FLIP's key: --config.eval_dataset= turns it off.
+  config.evals.zeroshot = eval_entry(
+      config, "zeroshot", config.get_ref("eval_dataset"), batch_size=1024,
+      templates="templates_full",  # key in flip/assets/imagenet_zeroshot.json (CLIP's 80)
+      canonicalize=False,  # reported numbers: the training tokenizer only
+      classnames_file="",  # image folders: default <dir>/classnames.txt
+      max_images=0)  # 0 = all
+  # Held-out LAION-layout caption TFRecords; "" = off.
+  config.evals.retrieval = eval_entry(config, "retrieval", "", batch_size=1024, max_images=0)
 
   # Partitioning: keys are the partitioner's constructor arguments (flip.partitioning).
   config.partitioning = ml_collections.ConfigDict()
@@ -116,6 +121,16 @@ def get_config(arg=None):
   config.model.clr.proj_out_bias = False  # FLIP
 
   return apply_arg(config, arg)
+
+
+def eval_entry(config, type_name, dataset, **keys):
+  """An entry of config.evals; its period follows config.eval_every_epochs unless it is set."""
+  entry = ml_collections.ConfigDict()
+  entry.type = type_name
+  entry.dataset = dataset
+  entry.every_epochs = config.get_ref("eval_every_epochs") + 0.0
+  entry.update(keys)
+  return entry
 
 
 def get_config_img():
@@ -198,5 +213,6 @@ def apply_arg(config, arg):
   config.warmup_epochs = s["warmup_epochs"]
   config.log_every_steps = s["log_every_steps"]
   config.eval_dataset = ""  # smoke runs need no ImageNet
-  config.zeroshot.batch_size = s["batch_size"]
+  config.evals.zeroshot.batch_size = s["batch_size"]
+  config.evals.retrieval.batch_size = s["batch_size"]
   return config

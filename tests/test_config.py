@@ -248,3 +248,50 @@ def test_smoke_argument_shrinks_only_sizes():
   for key in ("learning_rate", "opt.b2", "opt.weight_decay", "model.model_img.mask_ratio",
               "model.model_txt.vocab_size", "partitioning.partition_states"):
     assert get(smoke, key) == get(full, key), key
+
+
+# ---------------------------------------------------------------- config.evals and FLIP's keys
+
+def test_eval_dataset_is_the_zeroshot_entry_dataset_through_overrides():
+  from flip.evals import registry  # pylint: disable=g-import-not-at-top
+  base = config_lib.load_config("configs/cfg_flip_base.py")
+  assert base.evals.zeroshot.dataset == base.eval_dataset == "imagenet2012:5.*.*"
+  assert registry.enabled_names(base) == ["zeroshot"]
+  other = config_lib.load_config("configs/cfg_flip_base.py", ["eval_dataset=demo:/data/demo"])
+  assert other.evals.zeroshot.dataset == "demo:/data/demo"
+  off = config_lib.load_config("configs/cfg_flip_base.py", ["eval_dataset="])
+  assert off.evals.zeroshot.dataset == "" and registry.enabled_names(off) == []
+  demo = config_lib.load_config("configs/cfg_demo.py")
+  assert demo.evals.zeroshot.dataset == "demo:data/demo/test"
+  assert demo.evals.zeroshot.every_epochs == 0.0  # cfg_demo: evaluate once, at the end
+
+
+def test_entry_periods_follow_eval_every_epochs_unless_set():
+  base = config_lib.load_config("configs/cfg_flip_base.py", ["eval_every_epochs=5"])
+  assert base.evals.zeroshot.every_epochs == base.evals.retrieval.every_epochs == 5.0
+  own = config_lib.load_config("configs/cfg_flip_base.py", ["evals.zeroshot.every_epochs=2",
+                                                           "evals.zeroshot.batch_size=512"])
+  assert own.evals.zeroshot.every_epochs == 2.0 and own.evals.zeroshot.batch_size == 512
+  assert own.eval_every_epochs == own.evals.retrieval.every_epochs == 1000.0
+  mae = config_lib.load_config("configs/cfg_mae_base.py", ["eval_every_epochs=3"])
+  assert mae.evals.reconstruction.every_epochs == 3.0
+
+
+def test_old_evaluation_keys_are_gone_and_their_values_live_in_entries():
+  flip_smoke = config_lib.load_config("configs/cfg_flip_large.py:smoke")
+  assert "zeroshot" not in flip_smoke and flip_smoke.evals.zeroshot.batch_size == 16
+  assert flip_smoke.evals.zeroshot.templates == "templates_full"
+  assert flip_smoke.evals.retrieval.dataset == "" and flip_smoke.evals.retrieval.batch_size == 16
+  for path, name, batch_size in (("configs/cfg_linprobe_base.py", "classification", 1024),
+                                 ("configs/cfg_finetune_demo.py", "classification", 1000),
+                                 ("configs/cfg_mae_base.py", "reconstruction", None)):
+    config = config_lib.load_config(path)
+    assert "visualize" not in config
+    assert sorted(config.data) == ["num_classes", "shuffle_buffer_size", "train"]
+    assert list(config.evals) == [name]
+    assert config.evals[name].get("batch_size") == batch_size
+  mae = config_lib.load_config("configs/cfg_mae_base.py:smoke")
+  assert (mae.evals.reconstruction.num_images, mae.evals.reconstruction.seed) == (4, 0)
+  mae_demo = config_lib.load_config("configs/cfg_mae_demo.py")
+  assert mae_demo.evals.reconstruction.dataset == mae_demo.data.train == "demo:data/demo"
+  assert mae_demo.evals.reconstruction.num_images == 8

@@ -19,7 +19,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from flip import augment
 from flip import config as config_lib
-from flip import mae_tasks
+from flip.tasks import classifier as classifier_tasks
 from flip import optim
 
 tf.config.set_visible_devices([], "GPU")
@@ -28,7 +28,7 @@ FINETUNE_SMOKE = "configs/cfg_finetune_base.py:smoke"
 TINY = ("image_size=16", "model.model_img.patches.size=(4, 4)", "model.model_img.hidden_size=32",
         "model.model_img.transformer.mlp_dim=64", "model.model_img.transformer.num_heads=2",
         "model.model_img.transformer.num_layers=3", "data.num_classes=10",
-        "data.train=", "data.eval=")
+        "data.train=", "evals.classification.dataset=")
 
 
 def finetune_config(*overrides):
@@ -49,7 +49,7 @@ def expected_layer(path: str, num_layers: int) -> int:
 
 def test_layer_decay_multipliers_of_every_parameter_equal_the_formula():
   config = finetune_config("classifier.layer_decay=0.65")
-  task = mae_tasks.FinetuneTask(config)
+  task = classifier_tasks.FinetuneTask(config)
   params = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"]
   multipliers = task.layer_decay_multipliers(params)
   flat = jax.tree_util.tree_flatten_with_path(multipliers)[0]
@@ -67,7 +67,7 @@ def test_finetune_optimizer_scales_each_update_by_its_multiplier():
   config = finetune_config("opt_type=sgd", "opt.momentum=0.0", "opt.weight_decay=0.0",
                            "classifier.layer_decay=0.5", "warmup_epochs=0.0",
                            "learning_rate=0.256", "batch_size=256")
-  task = mae_tasks.FinetuneTask(config)
+  task = classifier_tasks.FinetuneTask(config)
   params = task.init_variables(jax.random.PRNGKey(0))["params"]
   optimizer = task.make_optimizer(config)
   grads = jax.tree.map(jnp.ones_like, params)
@@ -81,14 +81,14 @@ def test_finetune_optimizer_scales_each_update_by_its_multiplier():
 
 def test_layer_decay_out_of_range_is_refused_naming_the_key():
   with pytest.raises(config_lib.ConfigError, match="config.classifier.layer_decay"):
-    mae_tasks.FinetuneTask(finetune_config("classifier.layer_decay=1.5"))
+    classifier_tasks.FinetuneTask(finetune_config("classifier.layer_decay=1.5"))
 
 
 def test_finetune_task_refuses_a_frozen_encoder_and_zero_shot():
   with pytest.raises(config_lib.ConfigError, match="frozen_encoder"):
-    mae_tasks.FinetuneTask(finetune_config("classifier.frozen_encoder=True"))
+    classifier_tasks.FinetuneTask(finetune_config("classifier.frozen_encoder=True"))
   with pytest.raises(config_lib.ConfigError, match="config.eval_dataset"):
-    mae_tasks.FinetuneTask(finetune_config("eval_dataset=imagenet2012"))
+    classifier_tasks.FinetuneTask(finetune_config("eval_dataset=imagenet2012"))
 
 
 # ---------------------------------------------------------------- mixup / cutmix / smoothing

@@ -1,4 +1,4 @@
-"""Linear probe (flip.mae_tasks.LinearProbeTask, flip.models.classifier) and pretrained image towers
+"""Linear probe (flip.classifier_tasks.LinearProbeTask, flip.models.classifier) and pretrained image towers
 loading into the probe and the fine-tuning model.
 
 References: PyTorch's `BatchNorm1d(affine=False)` written out in float64 numpy (biased batch
@@ -24,7 +24,8 @@ from t5x import checkpoints as t5x_checkpoints
 
 from flip import checkpoints
 from flip import config as config_lib
-from flip import mae_tasks
+from flip.tasks import classifier as classifier_tasks
+from flip.tasks import common
 from flip import train
 from flip.models import classifier as classifier_lib
 import train_utils
@@ -38,7 +39,8 @@ MAE_SMOKE = "configs/cfg_mae_base.py:smoke"
 # FLIP checkpoint of that config fits; MAE-family configs have a class token, FLIP's tower not.
 TOWER = ("image_size=16", "model.model_img.patches.size=(8, 8)", "model.model_img.hidden_size=32",
          "model.model_img.transformer.mlp_dim=64", "model.model_img.transformer.num_heads=2",
-         "model.model_img.transformer.num_layers=1", "data.train=", "data.eval=")
+         "model.model_img.transformer.num_layers=1", "data.train=")
+NO_HELDOUT = "evals.classification.dataset="  # the probe's and fine-tuning's held-out evaluation
 FLIP_TOWER = ("model.model_img.use_cls_token=False", "model.model_img.pool=avg")
 NUM_CLASSES = 10
 WIDTH = 32
@@ -46,13 +48,13 @@ NUM_PROBE_STEPS = 4
 
 
 def probe_config(*overrides):
-  return config_lib.load_config(PROBE_SMOKE, list(TOWER) + [f"data.num_classes={NUM_CLASSES}"]
-                                + list(overrides))
+  return config_lib.load_config(PROBE_SMOKE, list(TOWER) + [f"data.num_classes={NUM_CLASSES}",
+                                                            NO_HELDOUT] + list(overrides))
 
 
 def finetune_config(*overrides):
-  return config_lib.load_config(FINETUNE_SMOKE, list(TOWER) + [f"data.num_classes={NUM_CLASSES}"]
-                                + list(overrides))
+  return config_lib.load_config(FINETUNE_SMOKE, list(TOWER) + [f"data.num_classes={NUM_CLASSES}",
+                                                               NO_HELDOUT] + list(overrides))
 
 
 def save_initial_state(config, workdir):
@@ -75,26 +77,27 @@ def flip_checkpoint(tmp_path_factory):
 def mae_checkpoint(tmp_path_factory):
   config = config_lib.load_config(MAE_SMOKE, list(TOWER) + [
       "seed_jax=11", "model.decoder.hidden_size=16", "model.decoder.mlp_dim=32",
-      "model.decoder.num_heads=2", "model.decoder.num_layers=1", "visualize.num_images=0"])
+      "model.decoder.num_heads=2", "model.decoder.num_layers=1",
+      "evals.reconstruction.dataset="])
   return save_initial_state(config, str(tmp_path_factory.mktemp("mae_ckpt")))
 
 
 def encoder_of(ckpt_dir):
-  return train_utils.flat_tree(checkpoints.load_params_tree(ckpt_dir)[mae_tasks.ENCODER])
+  return train_utils.flat_tree(checkpoints.load_params_tree(ckpt_dir)[common.ENCODER])
 
 
 # ---------------------------------------------------------------- BatchNorm without affine
 
 def test_probe_batchnorm_has_no_scale_or_bias_and_keeps_running_statistics():
-  task = mae_tasks.LinearProbeTask(probe_config())
+  task = classifier_tasks.LinearProbeTask(probe_config())
   variables = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))
-  assert set(variables["params"]) == {mae_tasks.ENCODER, "head"}
+  assert set(variables["params"]) == {common.ENCODER, "head"}
   assert set(variables["params"]["head"]) == {"kernel", "bias"}
   stats = flax.core.unfreeze(variables[classifier_lib.BATCH_STATS])
   assert jax.tree.map(lambda x: x.shape, stats) == {"head_norm": {"mean": (WIDTH,),
                                                                   "var": (WIDTH,)}}
   # Fine-tuning has no BatchNorm at all.
-  finetune_variables = jax.eval_shape(mae_tasks.FinetuneTask(finetune_config()).init_variables,
+  finetune_variables = jax.eval_shape(classifier_tasks.FinetuneTask(finetune_config()).init_variables,
                                       jax.random.PRNGKey(0))
   assert classifier_lib.BATCH_STATS not in finetune_variables
 
@@ -133,7 +136,7 @@ def test_probe_optimizer_is_lars_on_the_head_and_leaves_the_encoder_alone():
                         f"opt.momentum={momentum}", f"opt.trust_coefficient={trust}",
                         f"opt.weight_decay={weight_decay}")
   assert config.opt_type == "lars"
-  task = mae_tasks.LinearProbeTask(config)
+  task = classifier_tasks.LinearProbeTask(config)
   params = jax.jit(task.init_variables)(jax.random.PRNGKey(0))["params"]
   optimizer = task.make_optimizer(config)
   state = optimizer.init(params)
@@ -148,7 +151,7 @@ def test_probe_optimizer_is_lars_on_the_head_and_leaves_the_encoder_alone():
   for step, grads in enumerate(grads_per_step):
     updates, state = optimizer.update(grads, state, current)
     current = optax.apply_updates(current, updates)
-    for leaf in jax.tree.leaves(updates[mae_tasks.ENCODER]):
+    for leaf in jax.tree.leaves(updates[common.ENCODER]):
       np.testing.assert_array_equal(leaf, 0.0)
     # MAE's LARS, by hand (lr from the half cosine: no warmup, epoch = step here).
     lr = lr_peak * 0.5 * (1 + math.cos(math.pi * step / num_epochs))
@@ -160,8 +163,8 @@ def test_probe_optimizer_is_lars_on_the_head_and_leaves_the_encoder_alone():
     np.testing.assert_allclose(current["head"]["kernel"], kernel, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(current["head"]["bias"], bias, rtol=1e-5, atol=1e-7)
   assert np.abs(kernel - np.float64(params["head"]["kernel"])).max() > 1e-5  # it did move
-  assert train_utils.unequal_leaves(train_utils.flat_tree(current[mae_tasks.ENCODER]),
-                                    train_utils.flat_tree(params[mae_tasks.ENCODER])) == []
+  assert train_utils.unequal_leaves(train_utils.flat_tree(current[common.ENCODER]),
+                                    train_utils.flat_tree(params[common.ENCODER])) == []
 
 
 # ---------------------------------------------------------------- probe from a FLIP checkpoint
@@ -187,15 +190,15 @@ def test_probe_of_a_flip_image_tower_trains_head_and_statistics_and_freezes_the_
   state = result["state"]
   params = train_utils.flat_tree(state.params)
   encoder = {k.split("/", 1)[1]: v for k, v in params.items()
-             if k.startswith(mae_tasks.ENCODER + "/")}
+             if k.startswith(common.ENCODER + "/")}
   assert train_utils.unequal_leaves(encoder, encoder_of(flip_checkpoint)) == []
 
-  task = mae_tasks.LinearProbeTask(config)
+  task = classifier_tasks.LinearProbeTask(config)
   fresh = jax.jit(task.init_variables)(jax.random.PRNGKey(config.seed_jax))
   fresh_params = train_utils.flat_tree(fresh["params"])
   # The FLIP tower replaced the fresh encoder; the head is trained from its fresh init.
   assert all(not np.array_equal(fresh_params[k], params[k]) for k in fresh_params
-             if k.startswith(mae_tasks.ENCODER + "/") and "kernel" in k)
+             if k.startswith(common.ENCODER + "/") and "kernel" in k)
   assert train_utils.unequal_leaves(
       {k: v for k, v in params.items() if k.startswith("head/")},
       {k: v for k, v in fresh_params.items() if k.startswith("head/")}) == ["head/bias",
@@ -211,15 +214,15 @@ def test_probe_of_a_flip_image_tower_trains_head_and_statistics_and_freezes_the_
 
 def test_finetune_and_probe_load_exactly_the_image_tower_of_flip_and_mae_checkpoints(
     flip_checkpoint, mae_checkpoint):
-  cases = [(mae_tasks.FinetuneTask(finetune_config(*FLIP_TOWER)), flip_checkpoint),
-           (mae_tasks.LinearProbeTask(probe_config(*FLIP_TOWER)), flip_checkpoint),
-           (mae_tasks.FinetuneTask(finetune_config()), mae_checkpoint),
-           (mae_tasks.LinearProbeTask(probe_config()), mae_checkpoint)]
+  cases = [(classifier_tasks.FinetuneTask(finetune_config(*FLIP_TOWER)), flip_checkpoint),
+           (classifier_tasks.LinearProbeTask(probe_config(*FLIP_TOWER)), flip_checkpoint),
+           (classifier_tasks.FinetuneTask(finetune_config()), mae_checkpoint),
+           (classifier_tasks.LinearProbeTask(probe_config()), mae_checkpoint)]
   for task, ckpt_dir in cases:
     shapes = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"]
     loaded = task.load_pretrained_params(ckpt_dir, shapes)
-    assert set(loaded) == {mae_tasks.ENCODER}  # the head (and MAE's decoder) stay out
-    got = train_utils.flat_tree(loaded[mae_tasks.ENCODER])
+    assert set(loaded) == {common.ENCODER}  # the head (and MAE's decoder) stay out
+    got = train_utils.flat_tree(loaded[common.ENCODER])
     assert train_utils.unequal_leaves(got, encoder_of(ckpt_dir)) == []
   mae_encoder = encoder_of(mae_checkpoint)
   assert "cls" in mae_encoder and "cls" not in encoder_of(flip_checkpoint)
@@ -227,11 +230,11 @@ def test_finetune_and_probe_load_exactly_the_image_tower_of_flip_and_mae_checkpo
 
 def test_a_tower_that_does_not_fit_is_refused_naming_the_keys(flip_checkpoint):
   # MAE-family configs have a class token; FLIP's tower has none.
-  task = mae_tasks.FinetuneTask(finetune_config())
+  task = classifier_tasks.FinetuneTask(finetune_config())
   shapes = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"]
   with pytest.raises(checkpoints.CheckpointError, match="missing 1 keys .*img_encoder/cls"):
     task.load_pretrained_params(flip_checkpoint, shapes)
-  wider = mae_tasks.LinearProbeTask(probe_config(*FLIP_TOWER, "model.model_img.hidden_size=64",
+  wider = classifier_tasks.LinearProbeTask(probe_config(*FLIP_TOWER, "model.model_img.hidden_size=64",
                                                  "model.model_img.transformer.mlp_dim=128"))
   shapes = jax.eval_shape(wider.init_variables, jax.random.PRNGKey(0))["params"]
   with pytest.raises(checkpoints.CheckpointError, match="mis-shaped"):
@@ -240,7 +243,7 @@ def test_a_tower_that_does_not_fit_is_refused_naming_the_keys(flip_checkpoint):
 
 def test_probe_config_refuses_a_trainable_encoder():
   with pytest.raises(config_lib.ConfigError, match="frozen_encoder"):
-    mae_tasks.LinearProbeTask(probe_config("classifier.frozen_encoder=False"))
+    classifier_tasks.LinearProbeTask(probe_config("classifier.frozen_encoder=False"))
 
 
 # ---------------------------------------------------------------- the demo set (slow)
@@ -252,13 +255,15 @@ def test_probe_of_the_mae_demo_encoder_beats_the_probe_of_a_random_encoder(tmp_p
   from flip.data import demo  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("demo_mae")
   demo.build_demo(str(fashion_mnist_dir), str(root / "data"))
-  data = [f"data.train=demo:{root / 'data'}", f"data.eval=demo:{root / 'data'}"]
-  mae_config = config_lib.load_config("configs/cfg_mae_demo.py", data + ["visualize.num_images=0"])
+  train_data = f"data.train=demo:{root / 'data'}"
+  mae_config = config_lib.load_config("configs/cfg_mae_demo.py",
+                                      [train_data, "evals.reconstruction.dataset="])
   train.train_and_evaluate(mae_config, str(root / "mae"))
 
   def probe_top1(name, pretrain_dir):
-    config = config_lib.load_config("configs/cfg_linprobe_demo.py",
-                                    data + [f"pretrain_dir={pretrain_dir}"])
+    config = config_lib.load_config("configs/cfg_linprobe_demo.py", [
+        train_data, f"evals.classification.dataset=demo:{root / 'data'}",
+        f"pretrain_dir={pretrain_dir}"])
     metrics = train.train_and_evaluate(config, str(root / name))["metrics"]
     return metrics["classification/demo/top1"]
 

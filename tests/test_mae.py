@@ -1,4 +1,5 @@
-"""MAE pretraining: flip.models.mae, flip.mae_tasks.MaeTask, the reconstruction grid (flip.visualize).
+"""MAE pretraining: flip.models.mae, flip.tasks.mae.MaeTask, the reconstruction evaluator
+(flip.evals.reconstruction) during training and in eval_only, and the grid command (flip.visualize).
 
 References are independent of the code under test: patches cut by explicit numpy slicing, the
 reconstruction target and mask rebuilt in float64 numpy from the image and the mask noise (ImageNet
@@ -21,9 +22,13 @@ from PIL import Image
 
 from flip import checkpoints
 from flip import config as config_lib
-from flip import mae_tasks
+from flip.tasks import common
+from flip.tasks import mae as mae_tasks
 from flip import train
 from flip import visualize
+from flip.evals import core as evals_core
+from flip.evals import eval_only
+from flip.evals import reconstruction
 from flip.models import vit as vit_lib
 import train_utils
 
@@ -43,7 +48,7 @@ TINY = ("image_size=16", "model.model_img.patches.size=(4, 4)", "model.model_img
         "model.model_img.transformer.mlp_dim=64", "model.model_img.transformer.num_heads=2",
         "model.model_img.transformer.num_layers=1", "model.decoder.hidden_size=16",
         "model.decoder.mlp_dim=32", "model.decoder.num_heads=2", "model.decoder.num_layers=1",
-        "data.train=", "data.eval=", "visualize.num_images=0")
+        "data.train=", "evals.reconstruction.dataset=")
 NUM_TRAIN_STEPS = 30
 # Tests compile small models without LLVM's optimisation passes (as tests/test_models.py does):
 # compiling, not running, is what costs time on a 2-core machine.
@@ -234,13 +239,14 @@ def ramp_dataset(config, shard_index, num_shards, seed):
 
 @pytest.fixture(scope="module")
 def trained_mae(tmp_path_factory):
-  """A tiny MAE trained through the loop, with the reconstruction hook on held-out PNGs."""
+  """A tiny MAE trained through the loop, with the reconstruction evaluator on held-out PNGs."""
   root = tmp_path_factory.mktemp("mae")
   write_image_folder(str(root / "heldout"), ramp_images(999, NUM_GRID_IMAGES))
   config = mae_config(f"num_train_steps={NUM_TRAIN_STEPS}", "log_every_steps=1",
                       "learning_rate=0.05", "warmup_epochs=0.05", "checkpoint_every_steps=0",
-                      f"data.eval=folder:{root / 'heldout'}", "aug.eval_crop_fraction=1.0",
-                      f"visualize.num_images={NUM_GRID_IMAGES}")
+                      f"evals.reconstruction.dataset=folder:{root / 'heldout'}",
+                      "aug.eval_crop_fraction=1.0",
+                      f"evals.reconstruction.num_images={NUM_GRID_IMAGES}")
   workdir = str(root / "workdir")
   result = train.train_and_evaluate(config, workdir, make_dataset=ramp_dataset)
   return config, workdir, result
@@ -256,23 +262,34 @@ def test_mae_trains_through_the_loop_and_checkpoints_encoder_and_decoder(trained
   assert last < 0.8 * first, (first, last)
   assert checkpoints.latest_complete_step(workdir) == NUM_TRAIN_STEPS
   saved = checkpoints.load_params_tree(workdir)
-  assert set(saved) == {mae_tasks.ENCODER, mae_tasks.DECODER}
+  assert set(saved) == {common.ENCODER, mae_tasks.DECODER}
   final = train_utils.flat_tree(result["state"].params)
   on_disk = train_utils.flat_tree(saved)
   assert train_utils.unequal_leaves(final, on_disk) == []
   del config
 
 
+def image_tags_by_step(workdir):
+  """{step: set of image summary tags} over the event files of `workdir`."""
+  tags = {}
+  for events in train_utils.event_files(workdir):
+    for event in tf.compat.v1.train.summary_iterator(events):
+      for value in event.summary.value:
+        if value.HasField("image") or value.metadata.plugin_data.plugin_name == "images":
+          tags.setdefault(event.step, set()).add(value.tag)
+  return tags
+
+
 def test_reconstruction_hook_logs_the_grid_and_heldout_loss_to_tensorboard(trained_mae):
   _, workdir, result = trained_mae
-  heldout = train_utils.logged_scalars(workdir, visualize.LOSS_TAG)
+  heldout = train_utils.logged_scalars(workdir, reconstruction.LOSS_TAG)
   assert list(heldout) == [NUM_TRAIN_STEPS]
-  assert heldout[NUM_TRAIN_STEPS] == pytest.approx(result["metrics"][visualize.LOSS_TAG])
+  assert heldout[NUM_TRAIN_STEPS] == pytest.approx(result["metrics"][reconstruction.LOSS_TAG])
   tags = set()
   for events in train_utils.event_files(workdir):
     for event in tf.compat.v1.train.summary_iterator(events):
       tags.update(value.tag for value in event.summary.value)
-  assert visualize.TENSORBOARD_TAG in tags
+  assert reconstruction.TENSORBOARD_TAG in tags
 
 
 def test_visualisation_writes_a_png_grid_of_the_checkpoint(trained_mae, tmp_path):
@@ -280,10 +297,10 @@ def test_visualisation_writes_a_png_grid_of_the_checkpoint(trained_mae, tmp_path
   out = str(tmp_path / "grid.png")
   loss = visualize.run(config, workdir, out, NUM_GRID_IMAGES)
   # Same images, masks (seed 0) and parameters as the hook at the last step.
-  assert loss == pytest.approx(result["metrics"][visualize.LOSS_TAG], rel=1e-5)
+  assert loss == pytest.approx(result["metrics"][reconstruction.LOSS_TAG], rel=1e-5)
   grid = np.asarray(Image.open(out).convert("RGB"))
-  scale = math.ceil(visualize.MIN_PANEL_PIXELS / IMAGE_SIZE)
-  panel, sep = IMAGE_SIZE * scale, visualize.SEPARATOR_PIXELS
+  scale = math.ceil(reconstruction.MIN_PANEL_PIXELS / IMAGE_SIZE)
+  panel, sep = IMAGE_SIZE * scale, reconstruction.SEPARATOR_PIXELS
   assert grid.shape == (NUM_GRID_IMAGES * panel + (NUM_GRID_IMAGES + 1) * sep,
                         4 * panel + 5 * sep, 3)
 
@@ -305,3 +322,27 @@ def test_visualisation_writes_a_png_grid_of_the_checkpoint(trained_mae, tmp_path
     assert np.abs(pasted - original)[~removed[row]].max() <= 1
     mean_colour = np.round(IMAGENET_MEAN).astype(int)
     assert np.abs(masked[removed[row]] - mean_colour).max() <= 1
+
+
+def test_eval_only_of_an_mae_checkpoint_writes_the_grid_and_reports_the_heldout_loss(
+    trained_mae, tmp_path, capsys):
+  config, workdir, result = trained_mae
+  ckpt_dir = checkpoints.checkpoint_dir(workdir, NUM_TRAIN_STEPS)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.eval_only = True
+    config.pretrain_dir = ckpt_dir
+  eval_dir = str(tmp_path / "eval")
+  metrics = eval_only.run_eval_only(config, eval_dir)
+  # The parameters of the last step, the same images and masks: the loss of the training run's
+  # evaluation at that step.
+  assert list(metrics) == [reconstruction.LOSS_TAG]
+  assert metrics[reconstruction.LOSS_TAG] == pytest.approx(
+      result["metrics"][reconstruction.LOSS_TAG], rel=1e-5)
+  assert capsys.readouterr().out.strip().splitlines()[-1] == (
+      f"eval_only {ckpt_dir}: {reconstruction.LOSS_TAG} {metrics[reconstruction.LOSS_TAG]:.4f}")
+  assert evals_core.format_metrics(metrics) == (
+      f"{reconstruction.LOSS_TAG} {metrics[reconstruction.LOSS_TAG]:.4f}")
+  assert train_utils.logged_scalars(eval_dir, reconstruction.LOSS_TAG) == {
+      NUM_TRAIN_STEPS: pytest.approx(metrics[reconstruction.LOSS_TAG])}
+  assert image_tags_by_step(eval_dir) == {NUM_TRAIN_STEPS: {reconstruction.TENSORBOARD_TAG}}

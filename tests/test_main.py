@@ -46,7 +46,7 @@ def demo_args(workdir, data):
   return [f"--workdir={workdir}", "--config=configs/cfg_demo.py:smoke",
           f"--config.laion_path={data.train_dir}", f"--config.eval_dataset=demo:{data.test_dir}",
           f"--config.num_train_steps={SMOKE_STEPS}", "--config.checkpoint_every_steps=2",
-          "--config.log_every_steps=2", "--config.zeroshot.batch_size=40"]
+          "--config.log_every_steps=2", "--config.evals.zeroshot.batch_size=40"]
 
 
 def zeroshot_from_stdout(stdout):
@@ -106,7 +106,7 @@ def test_flip_command_lines_on_demo_data(tmp_path, demo_data):
   # 3. eval_only from the pretrained params, with laion_path unset: same numbers as the hook.
   result = run_main(f"--workdir={evaldir}", "--config=configs/cfg_demo.py:smoke",
                     "--config.laion_path=", f"--config.eval_dataset=demo:{demo_data.test_dir}",
-                    "--config.zeroshot.batch_size=40",
+                    "--config.evals.zeroshot.batch_size=40",
                     f"--config.pretrain_dir={pretrain}", "--config.eval_only=True")
   assert result.returncode == 0, result.stderr[-3000:]
   assert zeroshot_from_stdout(result.stdout) == pytest.approx((top1, top5), abs=1e-9)

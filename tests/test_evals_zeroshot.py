@@ -1,4 +1,6 @@
-"""Tests for flip.evaluate: zero-shot classifier, top-k, retrieval, padding, hooks and eval_only.
+"""Zero-shot classification and retrieval (flip.evals.zeroshot, flip.evals.retrieval), the shared
+core's padding and counting (flip.evals.core), and eval_only of a FLIP checkpoint
+(flip.evals.eval_only).
 
 Fake encoders keep most tests to milliseconds of compute; references are float64 numpy.
 """
@@ -16,9 +18,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from flip import builders
 from flip import checkpoints
-from flip import evaluate
 from flip import partitioning
+from flip.evals import core
+from flip.evals import eval_only
+from flip.evals import registry
+from flip.evals import retrieval
+from flip.evals import zeroshot
 
 P = jax.sharding.PartitionSpec
 IMAGE_SIZE = 4
@@ -102,9 +109,10 @@ def one_hot_evaluator(partitioner, num_classes, batch_size, templates):
     return jax.nn.one_hot(tokens[:, 0] - 1, dim) * params["scale"]
 
   params = {"scale": jnp.ones(())}
-  ev = evaluate.Evaluator(partitioner, encode_image, encode_text, params_axes={"scale": P()},
-                          tokenize=name_tokenizer(class_names(num_classes), templates),
-                          image_size=IMAGE_SIZE, batch_size=batch_size)
+  ev = zeroshot.ZeroShotClassifier(partitioner, encode_image, encode_text,
+                                   params_axes={"scale": P()},
+                                   tokenize=name_tokenizer(class_names(num_classes), templates),
+                                   image_size=IMAGE_SIZE, batch_size=batch_size)
   return ev, params
 
 
@@ -147,7 +155,7 @@ def test_partial_last_batch_counted_exactly_once(partitioner):
   labels[[3, 9]] = [1, 2]  # two wrong labels, one of them in the partial last batch
   source = InMemorySource("ten", class_names(num_classes), TEMPLATES, constant_images(true), labels)
   ev, params = one_hot_evaluator(partitioner, num_classes, 4, TEMPLATES)
-  num_batches, _ = ev.local_batches(source)
+  num_batches, _ = ev.sharded.local_batches(source)
   assert num_batches == 3
   metrics = ev.zeroshot(params, source)
   # Padding is image 0 / label 0 (a "correct" example): counted, it would give 10/12.
@@ -164,10 +172,11 @@ def test_padded_shards_cover_every_example_once(partitioner):
                           labels)
   ev, _ = one_hot_evaluator(partitioner, 5, 8, TEMPLATES)
   seen, counts = [], set()
+  sharded = ev.sharded
   for shard in range(3):
-    ev.layout = dataclasses.replace(ev.layout, shard_id=shard, num_shards=3)
-    ev.local_batch = 2
-    num_batches, batches = ev.local_batches(source)
+    sharded.layout = dataclasses.replace(sharded.layout, shard_id=shard, num_shards=3)
+    sharded.local_batch = 2
+    num_batches, batches = sharded.local_batches(source)
     batches = list(batches)
     counts.add((num_batches, len(batches)))
     for batch in batches:
@@ -207,9 +216,9 @@ def test_classifier_weights_match_float64_reference(partitioner):
   # Text embeddings of different norms per template: averaging normalised vectors matters.
   params["txt"] = params["txt"] * jnp.arange(1, params["txt"].shape[0] + 1)[:, None]
   encode_image, encode_text = linear_encoders()
-  ev = evaluate.Evaluator(partitioner, encode_image, encode_text,
-                          params_axes={"img": P(None, "model"), "txt": P(None, "model")},
-                          tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=4)
+  ev = zeroshot.ZeroShotClassifier(partitioner, encode_image, encode_text,
+                                   params_axes={"img": P(None, "model"), "txt": P(None, "model")},
+                                   tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=4)
   weights = ev.classifier_weights(params, names, templates)
 
   reference = np.zeros((dim, num_classes))
@@ -231,9 +240,9 @@ def test_topk_matches_numpy_reference_and_top5_at_least_top1(partitioner):
   labels = rng.randint(0, num_classes, num_images)
   encode_image, encode_text = linear_encoders()
   tokenize = name_tokenizer(names, TEMPLATES)
-  ev = evaluate.Evaluator(partitioner, encode_image, encode_text,
-                          params_axes={"img": P(None, "model"), "txt": P(None, "model")},
-                          tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=8)
+  ev = zeroshot.ZeroShotClassifier(partitioner, encode_image, encode_text,
+                                   params_axes={"img": P(None, "model"), "txt": P(None, "model")},
+                                   tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=8)
   metrics = ev.zeroshot(params, InMemorySource("rand", names, TEMPLATES, images, labels))
 
   weights = ev.classifier_weights(params, names, TEMPLATES).astype(np.float64)
@@ -253,24 +262,24 @@ def test_label_outside_classes_is_refused(partitioner):
   source = InMemorySource("bad", class_names(3), TEMPLATES, constant_images(np.zeros(4)),
                           np.array([0, 1, 3, 2]))
   ev, params = one_hot_evaluator(partitioner, 3, 4, TEMPLATES)
-  with pytest.raises(evaluate.EvalError, match="'bad' has label 3 outside"):
+  with pytest.raises(core.EvalError, match="'bad' has label 3 outside"):
     ev.zeroshot(params, source)
 
 
 def test_batch_size_must_divide_over_data_axis(partitioner):
-  with pytest.raises(evaluate.EvalError, match="config.zeroshot.batch_size 6"):
+  with pytest.raises(core.EvalError, match="config.evals.zeroshot.batch_size 6"):
     one_hot_evaluator(partitioner, 3, 6, TEMPLATES)
 
 
 def test_prompts_and_canonicalisation():
-  prompts = evaluate.class_prompts(["T-shirt/top", "Ankle  boot"], ["a photo of the {}.", "{}"])
+  prompts = zeroshot.class_prompts(["T-shirt/top", "Ankle  boot"], ["a photo of the {}.", "{}"])
   assert prompts == ["a photo of the T-shirt/top.", "T-shirt/top", "a photo of the Ankle  boot.",
                      "Ankle  boot"]
-  canon = evaluate.class_prompts(["T-shirt/top", "Ankle  boot"], ["A photo of the {}!", "{}"],
+  canon = zeroshot.class_prompts(["T-shirt/top", "Ankle  boot"], ["A photo of the {}!", "{}"],
                                  canonicalize=True)
   assert canon == ["a photo of the tshirttop", "tshirttop", "a photo of the ankle boot",
                    "ankle boot"]
-  assert evaluate.canonicalize_text("  Jack-o'-lantern,\tGreat   WHITE shark. ") == (
+  assert zeroshot.canonicalize_text("  Jack-o'-lantern,\tGreat   WHITE shark. ") == (
       "jackolantern great white shark")
 
 
@@ -283,9 +292,9 @@ def test_retrieval_metrics_hand_computed():
   #   text->image columns: txt0 (.8, .6, .96) rank 1; txt1 (.6, .8, 1.) rank 1; txt2 (1, 0, .6) 1
   img = np.array([[1, 0], [0, 1], [0.6, 0.8]])
   txt = np.array([[0.8, 0.6], [0.6, 0.8], [1, 0]])
-  np.testing.assert_array_equal(evaluate.pair_ranks(img, txt), [1, 0, 2])
-  np.testing.assert_array_equal(evaluate.pair_ranks(txt, img), [1, 1, 1])
-  metrics = evaluate.retrieval_metrics(img, txt, ks=(1, 2, 3))
+  np.testing.assert_array_equal(retrieval.pair_ranks(img, txt), [1, 0, 2])
+  np.testing.assert_array_equal(retrieval.pair_ranks(txt, img), [1, 1, 1])
+  metrics = retrieval.retrieval_metrics(img, txt, ks=(1, 2, 3))
   assert metrics["i2t_r1"] == pytest.approx(1 / 3)
   assert metrics["i2t_r2"] == pytest.approx(2 / 3)
   assert metrics["i2t_r3"] == 1.0
@@ -295,7 +304,7 @@ def test_retrieval_metrics_hand_computed():
 
 def test_retrieval_ties_count_against():
   same = np.ones((4, 3))
-  metrics = evaluate.retrieval_metrics(same, same, ks=(1, 4))
+  metrics = retrieval.retrieval_metrics(same, same, ks=(1, 4))
   assert metrics == {"i2t_r1": 0.0, "t2i_r1": 0.0, "i2t_r4": 1.0, "t2i_r4": 1.0}
 
 
@@ -309,13 +318,13 @@ def test_sharded_retrieval_matches_host_reference(partitioner):
   tokenize = lambda strings: np.asarray([[int(w) for w in s.split()] or [0, 0, 0]
                                          for s in strings], np.int32)
   encode_image, encode_text = linear_encoders()
-  ev = evaluate.Evaluator(partitioner, encode_image, encode_text,
-                          params_axes={"img": P(None, "model"), "txt": P(None, "model")},
-                          tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=4)
+  ev = retrieval.Retrieval(partitioner, encode_image, encode_text,
+                           params_axes={"img": P(None, "model"), "txt": P(None, "model")},
+                           tokenize=tokenize, image_size=IMAGE_SIZE, batch_size=4)
   metrics = ev.retrieval(params, InMemoryCaptions("caps", images, captions))
   img = images.reshape(num_pairs, -1).astype(np.float64) / 255.0 @ np.asarray(params["img"])
   txt = np_text_embedding(params, tokens)
-  reference = evaluate.retrieval_metrics(img, txt)
+  reference = retrieval.retrieval_metrics(img, txt)
   assert metrics["retrieval/caps/num_pairs"] == num_pairs
   assert metrics["retrieval/caps/num_skipped"] == 0
   for key, value in reference.items():
@@ -323,13 +332,19 @@ def test_sharded_retrieval_matches_host_reference(partitioner):
 
 
 def test_zeroshot_settings_defaults_and_unknown_key():
-  config = ml_collections.ConfigDict()
-  assert evaluate.zeroshot_settings(config) == evaluate.ZeroShotSettings()
-  config.zeroshot = ml_collections.ConfigDict({"templates": "templates_short", "batch_size": 8})
-  assert evaluate.zeroshot_settings(config).templates == "templates_short"
-  config.zeroshot.max_imgs = 3
-  with pytest.raises(evaluate.EvalError, match="config.zeroshot.max_imgs"):
-    evaluate.zeroshot_settings(config)
+  config = ml_collections.ConfigDict({"eval_every_epochs": 2.0})
+  entry = ml_collections.ConfigDict({"type": "zeroshot", "dataset": "x"})
+  cls = registry.evaluator_class("zeroshot")
+  assert registry.resolve_settings("zs", entry, cls, config) == {
+      "type": "zeroshot", "dataset": "x", "batch_size": 1024, "every_epochs": 2.0,
+      "templates": "templates_full", "canonicalize": False, "classnames_file": "",
+      "max_images": 0}
+  entry.update({"templates": "templates_short", "batch_size": 8})
+  settings = registry.resolve_settings("zs", entry, cls, config)
+  assert (settings["templates"], settings["batch_size"]) == ("templates_short", 8)
+  entry.max_imgs = 3
+  with pytest.raises(core.EvalError, match="config.evals.zs.max_imgs"):
+    registry.resolve_settings("zs", entry, cls, config)
 
 
 # --- end to end on a smoke-size FLIP model ------------------------------------------------------
@@ -373,11 +388,9 @@ def smoke_config(demo_dir, **overrides):
       # data=4 x model=2: parameters sharded over 'model' as in training (the vocabulary padded
       # to an even size: FLIP's 30523 rows cannot be split in two).
       "partitioning.num_partitions=2", "partitioning.mesh_shape=(4, 2)",
-      "model.model_txt.vocab_size=30528"])
+      "model.model_txt.vocab_size=30528", "evals.zeroshot.templates=templates_short",
+      "evals.zeroshot.batch_size=8"])
   with config.unlocked():
-    config.zeroshot = ml_collections.ConfigDict(dict(
-        templates="templates_short", batch_size=8, canonicalize=False, classnames_file="",
-        retrieval_path="", max_images=0))
     config.update(overrides)
   return config
 
@@ -393,20 +406,19 @@ def synthetic_train_data(config, shard_index, num_shards, seed):
 
 @pytest.fixture(scope="module")
 def trained_smoke(tmp_path_factory, fashion_mnist_dir):
-  """One training step with the eval hook, on 20 real Fashion-MNIST test images."""
+  """One training step with the zero-shot evaluator, on 20 real Fashion-MNIST test images."""
   from flip import train  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("smoke")
   images, labels = read_fashion_mnist_test(fashion_mnist_dir, NUM_EVAL_IMAGES)
   write_demo_test_split(str(root / "demo" / "test"), images, labels)
   config = smoke_config(root / "demo")
   workdir = str(root / "workdir")
-  result = train.train_and_evaluate(config, workdir, eval_hooks=evaluate.eval_hooks(config),
-                                    make_dataset=synthetic_train_data)
+  result = train.train_and_evaluate(config, workdir, make_dataset=synthetic_train_data)
   return config, workdir, result
 
 
 def test_training_hook_and_eval_only_agree(trained_smoke, monkeypatch):
-  from flip import tasks  # pylint: disable=g-import-not-at-top
+  from flip.tasks import contrastive  # pylint: disable=g-import-not-at-top
   config, workdir, result = trained_smoke
   hook_metrics = {k: v for k, v in result["metrics"].items() if k.startswith("zeroshot/")}
   assert hook_metrics["zeroshot/demo/num_images"] == NUM_EVAL_IMAGES
@@ -414,19 +426,19 @@ def test_training_hook_and_eval_only_agree(trained_smoke, monkeypatch):
 
   def no_training_data(*args, **kwargs):
     raise AssertionError("eval_only must not open the training data")
-  monkeypatch.setattr(tasks.FlipTask, "train_dataset", no_training_data)
+  monkeypatch.setattr(contrastive.FlipTask, "train_dataset", no_training_data)
   eval_config = smoke_config(config.eval_dataset[len("demo:"):], eval_only=True,
                              pretrain_dir=os.path.join(workdir, "checkpoint_1"))
   assert not eval_config.laion_path
-  metrics = evaluate.run_eval_only(eval_config, workdir)
+  metrics = eval_only.run_eval_only(eval_config, workdir)
   assert metrics == pytest.approx(hook_metrics)
 
 
 def test_eval_checkpoint_falls_back_to_latest_in_workdir(trained_smoke, tmp_path):
   config, workdir, _ = trained_smoke
-  assert evaluate.eval_checkpoint_dir(config, workdir) == os.path.join(workdir, "checkpoint_1")
+  assert builders.eval_checkpoint_dir(config, workdir) == os.path.join(workdir, "checkpoint_1")
   with pytest.raises(checkpoints.CheckpointError) as err:
-    evaluate.eval_checkpoint_dir(config, str(tmp_path / "empty"))
+    builders.eval_checkpoint_dir(config, str(tmp_path / "empty"))
   assert "\n" not in str(err.value) and str(tmp_path / "empty") in str(err.value)
 
 
@@ -434,8 +446,20 @@ def test_eval_only_missing_checkpoint_is_one_line(tmp_path):
   missing = str(tmp_path / "no_such_checkpoint")
   config = smoke_config(tmp_path, eval_only=True, pretrain_dir=missing)
   with pytest.raises(checkpoints.CheckpointError) as err:
-    evaluate.run_eval_only(config, str(tmp_path / "wd"))
+    eval_only.run_eval_only(config, str(tmp_path / "wd"))
   assert "\n" not in str(err.value) and missing in str(err.value)
+
+
+def test_eval_only_with_every_entry_off_is_refused_in_one_line(trained_smoke, tmp_path):
+  _, workdir, _ = trained_smoke
+  config = smoke_config(tmp_path, eval_only=True, eval_dataset="",
+                        pretrain_dir=os.path.join(workdir, "checkpoint_1"))
+  with pytest.raises(core.EvalConfigError) as err:
+    eval_only.run_eval_only(config, str(tmp_path / "wd"))
+  assert str(err.value) == (
+      "config.eval_only=True but nothing to evaluate: config.evals.retrieval.dataset, "
+      "config.evals.zeroshot.dataset are all empty")
+  assert not (tmp_path / "wd").exists()
 
 
 def test_canonicalize_option_changes_what_is_tokenized(partitioner):
@@ -446,17 +470,82 @@ def test_canonicalize_option_changes_what_is_tokenized(partitioner):
     return np.ones((len(strings), 2), np.int32)
 
   for canonicalize in (False, True):
-    ev = evaluate.Evaluator(partitioner, lambda p, x: x, lambda p, t: t.astype(jnp.float32),
-                            params_axes={}, tokenize=recording_tokenizer, image_size=IMAGE_SIZE,
-                            batch_size=4, canonicalize=canonicalize)
+    ev = zeroshot.ZeroShotClassifier(
+        partitioner, lambda p, x: x, lambda p, t: t.astype(jnp.float32), params_axes={},
+        tokenize=recording_tokenizer, image_size=IMAGE_SIZE, batch_size=4,
+        canonicalize=canonicalize)
     ev.classifier_weights({}, ["Ankle-Boot"], ["A photo of the {}."])
   assert seen == ["A photo of the Ankle-Boot.", "a photo of the ankleboot"]
 
 
-def test_eval_hooks_fail_early_on_missing_data_and_can_be_off(tmp_path, monkeypatch):
+def test_evaluators_fail_early_on_missing_data_and_can_be_off(tmp_path, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
-  config = ml_collections.ConfigDict({"eval_dataset": "imagenet2012:5.*.*"})
-  with pytest.raises(evaluate.EvalError) as err:
-    evaluate.eval_hooks(config)
+  config = smoke_config(tmp_path, eval_dataset="imagenet2012:5.*.*")
+  assert config.evals.zeroshot.dataset == "imagenet2012:5.*.*"
+  task = builders.build_task(config)
+  # Nothing is compiled or placed before the data are checked: the context's axes are not needed.
+  context = registry.EvalContext(config, task, builders.checked_partitioner(config),
+                                 params_axes=None, mutables_axes={}, workdir=str(tmp_path))
+  with pytest.raises(core.EvalError) as err:
+    registry.build_evaluators(config, context)
   assert "\n" not in str(err.value) and "imagenet2012:5.*.*" in str(err.value)
-  assert evaluate.eval_hooks(ml_collections.ConfigDict({"eval_dataset": ""})) == []
+  off = smoke_config(tmp_path, eval_dataset="")
+  assert registry.build_evaluators(off, context) == []
+
+
+def write_caption_set(directory, images, captions, broken=()):
+  """A held-out caption set in the LAION TFRecord layout (`jpg`, `txt`); indices in `broken` get
+  bytes that are not an image."""
+  os.makedirs(directory)
+  with tf.io.TFRecordWriter(os.path.join(directory, "00000.tfrecord")) as writer:
+    for index, (image, caption) in enumerate(zip(images, captions)):
+      encoded = (b"not a jpeg" if index in broken else tf.io.encode_jpeg(image).numpy())
+      feature = {
+          "jpg": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+          "txt": tf.train.Feature(bytes_list=tf.train.BytesList(value=[caption.encode()])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                   .SerializeToString())
+
+
+def test_retrieval_evaluator_matches_plain_jit_embeddings_and_counts_skipped_pairs(tmp_path):
+  rng = np.random.RandomState(5)
+  num_pairs, broken = 11, (4,)
+  config = smoke_config(tmp_path, eval_dataset="")
+  size = config.image_size
+  images = rng.randint(0, 256, (num_pairs, size, size, 3)).astype(np.uint8)
+  captions = [f"a photo of {FASHION_CLASSES[i % 10].lower()} number {i}" for i in range(num_pairs)]
+  write_caption_set(str(tmp_path / "captions"), images, captions, broken)
+  with config.unlocked():
+    config.evals.retrieval.dataset = str(tmp_path / "captions")
+    config.evals.retrieval.batch_size = 8
+  task = builders.build_task(config)
+  context = eval_only.make_context(config, task, builders.checked_partitioner(config),
+                                   str(tmp_path))
+  (ev,) = registry.build_evaluators(config, context)
+  assert isinstance(ev, retrieval.RetrievalEvaluator) and ev.source.num_examples == num_pairs
+  host_params = jax.device_get(jax.jit(task.init_variables)(jax.random.PRNGKey(2))["params"])
+  params = builders.place_host_tree(host_params, context.params_axes, context.partitioner.mesh)
+  metrics = ev.run(params, {}, 1)
+
+  # The images the data layer hands the evaluator (its crop: config.aug.eval_crop_fraction).
+  decoded = list(ev.source.dataset(0, 1, size, config.aug.eval_crop_fraction)
+                 .as_numpy_iterator())
+  kept = [i for i in range(num_pairs) if i not in broken]
+  assert [ex["caption"].decode() for ex in decoded] == [captions[i] for i in kept]
+  with jax.default_device(jax.devices()[0]):
+    img = np.asarray(jax.jit(task.encode_image)(host_params,
+                                                np.stack([ex["image"] for ex in decoded])))
+    tokens = zeroshot.make_tokenizer(config)([captions[i] for i in kept])
+    txt = np.asarray(jax.jit(task.encode_text)(host_params, tokens))
+  scores = img.astype(np.float64) @ txt.astype(np.float64).T
+  gaps = np.abs(scores - np.diag(scores)[:, None]) + np.eye(len(kept))
+  gaps_t2i = np.abs(scores - np.diag(scores)[None, :]) + np.eye(len(kept))
+  # No near-ties (the seed is chosen so): another float32 summation order cannot reorder.
+  assert min(gaps.min(), gaps_t2i.min()) > 1e-4, (gaps.min(), gaps_t2i.min())
+  reference = retrieval.retrieval_metrics(img, txt)
+  assert metrics[f"retrieval/captions/num_pairs"] == len(kept)
+  assert metrics[f"retrieval/captions/num_skipped"] == len(broken)
+  for key, value in reference.items():
+    assert metrics[f"retrieval/captions/{key}"] == pytest.approx(value)
+  assert 0 < reference["i2t_r1"] < 1 or 0 < reference["t2i_r5"] < 1  # not a degenerate case

@@ -1,4 +1,5 @@
-"""Held-out top-1/top-5 of classifier tasks (flip.classification_eval) and main.py's eval_only.
+"""Held-out top-1/top-5 of classifier tasks (flip.evals.classification), eval_only of their
+checkpoints (flip.evals.eval_only) and main.py's eval_only.
 
 The evaluation set is an image folder written here: 37 PNG images of the model's input size (so
 the evaluation resize + centre crop at crop fraction 1 hands the model exactly these pixels) in
@@ -8,14 +9,13 @@ are identical (tied logits on every image) and random BatchNorm statistics; labe
 from the model's logits so that the set holds top-1 hits, misses at every rank, and ties at the
 top-1 and top-5 boundaries.
 
-References: the task's `logits` called directly (plain jit, one device, outside the hook and its
-partitioner) ranked in float64 numpy with the tie rule (an image counts for top-k when fewer than
-k classes score at least as high as its label); a head whose logits are its bias alone, scored by
-hand; for `run_eval_only` and main.py's dispatch, the hook's own metrics on the saved state.
+References: the task's `logits` called directly (plain jit, one device, outside the evaluator and
+its partitioner) ranked in float64 numpy with the tie rule (an image counts for top-k when fewer
+than k classes score at least as high as its label); a head whose logits are its bias alone, scored
+by hand; for `run_eval_only` and main.py's eval_only, the evaluator's own metrics on the saved
+state.
 """
 
-import functools
-import importlib.util
 import os
 import re
 import subprocess
@@ -23,19 +23,22 @@ import sys
 
 import flax
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 from t5x import checkpoints as t5x_checkpoints
 
+from flip import builders
 from flip import checkpoints
-from flip import classification_eval
 from flip import config as config_lib
-from flip import evaluate
-from flip import mae_tasks
-from flip import train
+from flip.evals import classification
+from flip.evals import core
+from flip.evals import eval_only
+from flip.evals import registry
 from flip.models import classifier as classifier_lib
+from flip.tasks import classifier as classifier_tasks
 import reliability_harness as harness  # scripts/, on the path from conftest.py
 import train_utils
 
@@ -54,27 +57,19 @@ TWINS = (0, 1)  # classes with identical head weights: their logits tie on every
 OVERRIDES = (f"image_size={IMAGE_SIZE}", "model.model_img.patches.size=(8, 8)",
              f"model.model_img.hidden_size={WIDTH}", "model.model_img.transformer.mlp_dim=64",
              "model.model_img.transformer.num_heads=2", "model.model_img.transformer.num_layers=1",
-             f"data.num_classes={NUM_CLASSES}", "data.train=", f"data.eval_batch_size={EVAL_BATCH}",
+             f"data.num_classes={NUM_CLASSES}", "data.train=",
+             f"evals.classification.batch_size={EVAL_BATCH}",
              "aug.eval_crop_fraction=1.0", "partitioning.num_partitions=2")
 # Rank (0-based position in the descending order of the logits) of each image's label, cycled.
 LABEL_POSITIONS = (0, 0, 1, 2, 3, 4, 5, 6, 8, 9)
 SAVED_STEP = 0
-TOPK = evaluate.TOPK
-
-
-@functools.lru_cache(maxsize=None)
-def load_main():
-  """main.py as a module (a script at the repository root, not in a package; loaded once, as it
-  defines its absl flags when imported)."""
-  spec = importlib.util.spec_from_file_location("flip_main", train_utils.REPO_ROOT / "main.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+TOPK = core.TOPK
 
 
 def probe_config(folder, *overrides):
-  return config_lib.load_config(PROBE_SMOKE, list(OVERRIDES) + [f"data.eval=folder:{folder}"]
-                                + list(overrides))
+  return config_lib.load_config(
+      PROBE_SMOKE, list(OVERRIDES) + [f"evals.classification.dataset=folder:{folder}"]
+      + list(overrides))
 
 
 def tie_rule_ranks(logits, labels):
@@ -148,9 +143,19 @@ def probe(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hook(probe):
-  return classification_eval.ClassificationEval.from_config(probe.config,
-                                                            probe.trainer.partitioner)
+def hook(probe, tmp_path_factory):
+  """The probe config's evaluators, built as the loop builds them (the trainer's partitioner)."""
+  context = eval_only.make_context(probe.config, probe.task, probe.trainer.partitioner,
+                                   str(tmp_path_factory.mktemp("hook")))
+  evaluators = registry.build_evaluators(probe.config, context)
+  assert [type(ev) for ev in evaluators] == [classification.ClassificationEvaluator]
+  assert evaluators[0].every_steps == 1000  # eval_every_epochs 10 x 1600 samples / batch 16
+  assert isinstance(probe.task, classifier_tasks.LinearProbeTask)
+  return evaluators[0]
+
+
+def run_hook(hook, state, step=SAVED_STEP):
+  return hook.run(state.params, state.flax_mutables, step)
 
 
 def metric_keys(name="eval"):
@@ -191,7 +196,7 @@ def test_hook_top1_top5_equal_the_float64_tie_rule_on_the_task_logits(probe, hoo
   assert np.sum(position < 1) > np.sum(ranks < 1) and np.sum(position < TOPK) > np.sum(ranks < TOPK)
   assert 0 < want_top1 < want_top5 < 1
 
-  metrics = hook(probe.task, probe.state, SAVED_STEP)
+  metrics = run_hook(hook, probe.state)
   top1, top5, count = metric_keys()
   assert metrics == {top1: want_top1, top5: want_top5, count: NUM_IMAGES}
 
@@ -203,7 +208,7 @@ def test_hook_with_a_bias_only_head_scores_ties_by_hand(probe, hook):
                                     "bias": bias})
   state = train_utils.place_state(
       probe.trainer, probe.host_state.replace_params(flax.core.freeze(params)))
-  metrics = hook(probe.task, state, SAVED_STEP)
+  metrics = run_hook(hook, state)
   # Nobody is alone at the top: top-1 is 0. Within top-5: labels 0, 1 (one class as high) and 2
   # (two higher); labels 3-5 have five classes at least as high (the set holds some 3s and 4s, which
   # a count of strictly higher classes alone would let in).
@@ -217,60 +222,90 @@ def test_hook_with_a_bias_only_head_scores_ties_by_hand(probe, hook):
 # ---------------------------------------------------------------- eval_only of a saved checkpoint
 
 def test_run_eval_only_gives_the_hook_metrics_of_the_saved_state(probe, hook, tmp_path, capsys):
-  want = hook(probe.task, probe.state, SAVED_STEP)
+  want = run_hook(hook, probe.state)
   # The BatchNorm statistics matter: the probe's initial ones give other numbers.
   init_stats = train_utils.place_state(
       probe.trainer, probe.host_state.replace_flax_mutables(probe.init_host_state.flax_mutables))
-  assert hook(probe.task, init_stats, SAVED_STEP) != want
+  assert run_hook(hook, init_stats) != want
   capsys.readouterr()
 
   config = probe_config(probe.folder, f"pretrain_dir={probe.workdir}", "eval_only=True")
   workdir = str(tmp_path / "eval")
-  got = classification_eval.run_eval_only(config, workdir)
+  got = eval_only.run_eval_only(config, workdir)
   assert got == want
   ckpt_dir = checkpoints.checkpoint_dir(probe.workdir, SAVED_STEP)
   assert capsys.readouterr().out.strip().splitlines()[-1] == (
-      f"eval_only {ckpt_dir}: {evaluate.format_metrics(want)}")
+      f"eval_only {ckpt_dir}: {core.format_metrics(want)}")
   top1, _, _ = metric_keys()
   assert train_utils.logged_scalars(workdir, top1) == {SAVED_STEP: pytest.approx(want[top1])}
 
 
-# ---------------------------------------------------------------- main.py's eval_only dispatch
+# ---------------------------------------------------------------- the loop's evaluation and refusals
 
-def test_main_dispatches_eval_only_by_task(probe, hook, tmp_path):
-  main = load_main()
-  probe_task, finetune_task = (train.build_task(probe.config),
-                                train.build_task(config_lib.load_config(FINETUNE_SMOKE, OVERRIDES)))
-  assert isinstance(probe_task, mae_tasks.LinearProbeTask)
-  assert isinstance(finetune_task, mae_tasks.FinetuneTask)
-  for task in (probe_task, finetune_task):
-    assert main.eval_only_function(task) is classification_eval.run_eval_only
-  flip_task = train.build_task(train_utils.tiny_config())
-  assert main.eval_only_function(flip_task) is evaluate.run_eval_only
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"task 'mae' has no eval_only evaluation.*python -m flip\.visualize"):
-    main.run_eval_only(config_lib.load_config(MAE_SMOKE, ["eval_only=True"]), str(tmp_path))
-
-  # The probe checkpoint through main's entry point: the hook's numbers.
-  config = probe_config(probe.folder, f"pretrain_dir={probe.workdir}", "eval_only=True")
-  assert main.run_eval_only(config, str(tmp_path / "eval")) == hook(probe.task, probe.state,
-                                                                     SAVED_STEP)
-  missing = tmp_path / "no_such_run"
-  with pytest.raises(checkpoints.CheckpointError, match=re.escape(str(missing))):
-    main.run_eval_only(probe_config(probe.folder, f"pretrain_dir={missing}"), str(tmp_path))
+def test_the_evaluator_prints_its_line_and_counts_the_period_in_steps(probe, hook, capsys):
+  metrics = run_hook(hook, probe.state, 7)
+  assert capsys.readouterr().out.strip().splitlines()[-1] == (
+      f"eval at step 7: {core.format_metrics(metrics)}")
+  config = probe_config(probe.folder, "evals.classification.every_epochs=0.5",
+                        "samples_per_epoch=160", "batch_size=16")
+  context = eval_only.make_context(config, probe.task, probe.trainer.partitioner, "")
+  (periodic,) = registry.build_evaluators(config, context)
+  assert periodic.every_steps == 5  # round(0.5 * 160 / 16)
 
 
-def test_main_refuses_mae_eval_only_in_one_line_with_exit_status_2(tmp_path):
+def test_a_classification_entry_on_a_task_without_logits_is_refused_in_one_line(probe):
+  config = config_lib.load_config(MAE_SMOKE, ["evals.reconstruction.dataset="])
+  with config.unlocked():
+    config.evals.classification = ml_collections.ConfigDict(
+        {"type": "classification", "dataset": f"folder:{probe.folder}"})
+  task = builders.build_task(config)
+  context = registry.EvalContext(config, task, probe.trainer.partitioner, None, {}, "")
+  with pytest.raises(config_lib.ConfigError) as err:
+    registry.build_evaluators(config, context)
+  assert str(err.value) == (
+      "config.evals.classification.type='classification' needs CLASSIFIES, which task 'mae' does "
+      "not have: set --config.evals.classification.dataset= to turn it off")
+
+
+def test_a_data_set_with_other_classes_is_refused_naming_the_entry(probe):
+  config = probe_config(probe.folder, "data.num_classes=12")
+  context = eval_only.make_context(config, probe.task, probe.trainer.partitioner, "")
+  with pytest.raises(core.EvalError, match=r"^config\.evals\.classification\.dataset .* has 10 "
+                     r"classes but config\.data\.num_classes=12$"):
+    registry.build_evaluators(config, context)
+
+
+# ---------------------------------------------------------------- main.py's eval_only
+
+def run_main(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, str(train_utils.REPO_ROOT / "main.py"), *args],
+                        cwd=train_utils.REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_main_eval_only_of_the_probe_checkpoint_prints_the_evaluator_metrics(probe, hook,
+                                                                            tmp_path):
+  want = run_hook(hook, probe.state)
+  overrides = [f"--config.{o}" for o in OVERRIDES + (
+      f"evals.classification.dataset=folder:{probe.folder}", f"pretrain_dir={probe.workdir}",
+      "eval_only=True", "partitioning.num_partitions=1")]  # one device in the subprocess
+  result = run_main(f"--workdir={tmp_path / 'eval'}", f"--config={PROBE_SMOKE}", *overrides)
+  assert result.returncode == 0, result.stderr[-2000:]
+  ckpt_dir = checkpoints.checkpoint_dir(probe.workdir, SAVED_STEP)
+  assert result.stdout.strip().splitlines()[-1] == (
+      f"eval_only {ckpt_dir}: {core.format_metrics(want)}")
+
+
+def test_main_refuses_eval_only_with_nothing_to_evaluate_in_one_line_with_exit_status_2(
+    probe, tmp_path):
   workdir = tmp_path / "wd"
-  result = subprocess.run(
-      [sys.executable, str(train_utils.REPO_ROOT / "main.py"), f"--workdir={workdir}",
-       f"--config={MAE_SMOKE}", "--config.eval_only=True"],
-      cwd=train_utils.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  result = run_main(f"--workdir={workdir}", f"--config={PROBE_SMOKE}", "--config.eval_only=True",
+                    f"--config.pretrain_dir={probe.workdir}",
+                    "--config.evals.classification.dataset=")
   assert result.returncode == 2, result.stderr[-2000:]
   lines = harness.clean_stderr_lines(result.stderr)
   assert len(lines) == 1, lines
-  assert "task 'mae' has no eval_only evaluation" in lines[0]
-  assert "python -m flip.visualize" in lines[0]
+  assert "nothing to evaluate: config.evals.classification.dataset is empty" in lines[0]
   assert not workdir.exists()
