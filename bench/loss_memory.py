@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from flip import losses
+from flip import process_setup
 
 
 def two_products_loss(img, txt, scale_log):
@@ -109,4 +110,5 @@ def main():
 
 
 if __name__ == "__main__":
+  process_setup.configure_process()
   main()

@@ -10,10 +10,11 @@ guard", has the measured faults, kernel time and step times).
 `keep_freed_memory` makes glibc keep such blocks: every thread allocates from the main arena, which
 grows with `brk` and has no size limit per block, nothing is served by `mmap`, and freed memory at
 the top of the heap is never returned to the kernel. A step then faults in pages only when the heap
-grows: it grows by a whole block a few times, at steps that depend on how the worker threads'
-allocations and frees happen to interleave, until it holds every pattern they produce; a step that
-does not grow it reuses already mapped pages. The price is that the process's
-resident size stays at that high-water mark.
+grows. XLA frees a step's temporaries on its own thread after the outputs are ready, so the next
+step's allocation can come before that free, and the heap grows by another block instead of
+reusing the freed one; this happens several times, at steps that depend on thread timing, before
+the heap stops growing. A step that does not grow it reuses already mapped pages. The price is that
+the process's resident size stays at that high-water mark.
 
 Importing this module changes nothing. A process entry point applies it through
 `flip.process_setup.configure_process()` (on JAX's CPU backend), before JAX's or TensorFlow's
