@@ -10,6 +10,7 @@
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -141,11 +142,19 @@ def test_iterator_state_name_pads_shard_numbers():
   assert not compat.T5X_CHECKPOINT_DIR_RE.match("checkpoint_7.tmp-1712345678")
 
 
-@pytest.mark.parametrize("module", ["flip", "flip.partitioning", "flip.checkpoints", "flip.losses"])
-def test_no_private_jax_or_t5x_names_outside_compat(module):
-  """The modules of this room reach no other library's private name (compat is the one place)."""
-  path = pathlib.Path(__import__(module, fromlist=["_"]).__file__)
-  text = path.read_text()
-  for needle in ("_src", "._model_parallel_submesh", "._ici_mesh_shape", "._dcn_mesh_shape",
-                 "self._backend", "self._num_partitions"):
-    assert needle not in text, (module, needle)
+# Another library's private names: jax's internals, t5x partitioner attributes, t5x's checkpointer
+# method (compat.T5X_ARRAY_WRITER), and flip's own private names reached from bench scripts.
+_PRIVATE_USE = re.compile(r"jax\._src|\._(model_parallel_submesh|ici_mesh_shape|dcn_mesh_shape)\b"
+                          r"|self\._(backend|num_partitions)\b|_write_state_to_tensorstore"
+                          r"|losses\._[a-z]|trainer\._p_train_step")
+_SOURCES = sorted(str(p.relative_to(REPO_ROOT)) for d in ("flip", "bench", "scripts")
+                  for p in (REPO_ROOT / d).rglob("*.py")) + ["main.py"]
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="imports jax._src.distributed"))
+    if p == "flip/train.py" else p
+    for p in _SOURCES if p != "flip/compat.py"])
+def test_no_private_names_outside_compat(path):
+  text = (REPO_ROOT / path).read_text()
+  assert not _PRIVATE_USE.search(text), (path, _PRIVATE_USE.search(text).group(0))

@@ -23,11 +23,12 @@ from flip import process_setup
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NO_CUDA_DRIVER = not process_setup.cuda_driver_loadable()
-# Modules whose import must leave the process alone.
+# Modules whose import must leave the process alone: the package, the loop and the evaluators.
 CLEAN_MODULES = ("flip", "flip.compat", "flip.process_setup", "flip.host_memory",
                  "flip.metrics_writer", "flip.partitioning", "flip.checkpoints", "flip.losses",
                  "flip.config", "flip.optim", "flip.masking", "flip.models.vit",
-                 "flip.models.text")
+                 "flip.models.text", "flip.tasks", "flip.train", "flip.evaluate",
+                 "flip.classification_eval", "flip.visualize")
 
 _MALLOC_PROBE = """
 import ctypes, importlib, json, sys
