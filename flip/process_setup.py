@@ -30,6 +30,8 @@ call decides, later calls return the same `ProcessSetup`) and does three things:
    - when it does not, TensorFlow cannot use a GPU and there is nothing to hide; the first device
      query is made here with stderr captured, and everything it wrote except that one cuInit line
      is written back. Later queries do not initialise CUDA again, so the line never appears.
+   TensorFlow is therefore imported here whenever it is installed; a process that never uses it
+   pays its import time.
 """
 
 import contextlib
