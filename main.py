@@ -34,6 +34,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from flip import config as config_lib
+from flip import process_setup
 
 EXIT_RUNTIME_ERROR = 1
 EXIT_CONFIG_ERROR = 2  # flip.config.exit_on_config_error
@@ -122,5 +123,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  process_setup.configure_process()  # before flag parsing imports t5x, jax and tensorflow
   logging.set_verbosity(logging.INFO)
   app.run(main, flags_parser=parse_flags)

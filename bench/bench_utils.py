@@ -30,9 +30,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-# flip first: importing it tunes the C allocator, which must happen before JAX starts its threads
-# (flip/host_memory.py).
-import flip  # pylint: disable=unused-import
+# Every bench script is a process of its own: the entry point's set-up comes first (the C
+# allocator must be tuned before JAX starts its threads; flip/process_setup.py).
+from flip import process_setup
+
+process_setup.configure_process()
+
 import jax
 import numpy as np
 

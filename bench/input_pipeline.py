@@ -137,4 +137,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from flip import process_setup  # pylint: disable=g-import-not-at-top
+  process_setup.configure_process()
   main()

@@ -41,21 +41,21 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from flip import losses
+from flip import process_setup
 
 
 def two_products_loss(img, txt, scale_log):
   """The alternative `contrastive_loss` did not take: each direction from its own row-sharded
   product (same precision, dtype and metrics as the real one)."""
-  # pylint: disable=protected-access
   scale = jnp.exp(scale_log)
   i2t = nn_partitioning.with_sharding_constraint(
-      losses._similarity(losses._scaled(img, scale), txt), losses.LOGITS_AXES)
+      losses.similarity(losses.scaled(img, scale), txt), losses.LOGITS_AXES)
   t2i = nn_partitioning.with_sharding_constraint(
-      losses._similarity(losses._scaled(txt, scale), img), losses.LOGITS_AXES)
-  target = scale * losses._paired_similarity(img, txt)
+      losses.similarity(losses.scaled(txt, scale), img), losses.LOGITS_AXES)
+  target = scale * losses.paired_similarity(img, txt)
   own_index = jnp.arange(img.shape[0])
-  metrics = {"acc_i2t": losses._top1_accuracy(i2t, own_index, axis=1),
-             "acc_t2i": losses._top1_accuracy(t2i, own_index, axis=1)}
+  metrics = {"acc_i2t": losses.top1_accuracy(i2t, own_index, axis=1),
+             "acc_t2i": losses.top1_accuracy(t2i, own_index, axis=1)}
   loss = 0.5 * (jnp.mean(jax.nn.logsumexp(i2t, 1) - target) +
                 jnp.mean(jax.nn.logsumexp(t2i, 1) - target))
   return loss, metrics
@@ -110,4 +110,5 @@ def main():
 
 
 if __name__ == "__main__":
+  process_setup.configure_process()
   main()

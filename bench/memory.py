@@ -60,7 +60,6 @@ def compiled_memory(runner) -> dict:
   trainer = runner.trainer
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
            for k, v in runner.task.batch_spec(runner.config.batch_size).items()}
-  # pylint: disable-next=protected-access  (the very step function `Trainer.train_step` runs)
   compiled = trainer.p_train_step.lower(trainer.state_shape, batch).compile()
   analysis = compiled.memory_analysis()
   out = dict(arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,

@@ -34,6 +34,9 @@ What this module adds:
   the state for the current layout; when it does not (a checkpoint from a run with another number
   of processes), the loop restores the train state and restarts the input pipeline (flip.train).
 
+t5x's on-disk names (`checkpoint`, `checkpoint_<step>.tmp-*`, `train_ds-*`) come from flip.compat,
+which tests them against a real t5x save.
+
 Restoring never unpickles: the `checkpoint` file is msgpack (flax.serialization, whose only
 extension types are arrays and complex numbers), arrays are tensorstore (zarr chunks + JSON
 metadata), the iterator state is a TensorFlow checkpoint (protobuf + tensor bundle) and the
@@ -58,14 +61,12 @@ import jax.numpy as jnp
 import numpy as np
 from t5x import checkpoints as t5x_checkpoints
 
-_CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
-# t5x's temporary directory of a save in progress: checkpoint_<step>.tmp-<timestamp>.
-_TMP_CHECKPOINT_DIR_RE = re.compile(r"^checkpoint_(\d+)\.tmp-\d+$")
+from flip import compat
+
 META_DIR = "flip_meta"
-# t5x's name of the tf.data iterator state inside a checkpoint: train_ds-<shard>-of-<num_shards>.
-ITERATOR_STATE_PREFIX = "train_ds"
-# tf.train.Checkpoint writes <prefix>.index (and data files); the index is written last.
-TF_CHECKPOINT_INDEX_SUFFIX = ".index"
+# t5x's layout (flip.compat): the iterator state's name prefix and its TF checkpoint index suffix.
+ITERATOR_STATE_PREFIX = compat.T5X_ITERATOR_STATE_PREFIX
+TF_CHECKPOINT_INDEX_SUFFIX = compat.TF_CHECKPOINT_INDEX_SUFFIX
 # tensorstore's status text for a failed write ends in "[os_error_code='28']".
 _TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
 # OS errors a checkpoint write meets on full, read-only, quota-limited or failing storage.
@@ -82,7 +83,7 @@ class CheckpointWriteError(OSError):
 
 
 def checkpoint_dir(workdir: str, step: int) -> str:
-  return os.path.join(workdir, f"checkpoint_{step}")
+  return os.path.join(workdir, compat.t5x_checkpoint_dir_name(step))
 
 
 def complete_steps(workdir: str) -> List[int]:
@@ -92,8 +93,8 @@ def complete_steps(workdir: str) -> List[int]:
     return []
   steps = []
   for child in path.iterdir():
-    match = _CHECKPOINT_DIR_RE.match(child.name)
-    if match and (child / "checkpoint").exists():
+    match = compat.T5X_CHECKPOINT_DIR_RE.match(child.name)
+    if match and (child / compat.T5X_CHECKPOINT_FILE).exists():
       steps.append(int(match.group(1)))
   return sorted(steps)
 
@@ -110,7 +111,7 @@ def incomplete_dirs(workdir: str, step: Optional[int] = None) -> List[str]:
     return []
   found = []
   for child in path.iterdir():
-    match = _TMP_CHECKPOINT_DIR_RE.match(child.name)
+    match = compat.T5X_TMP_CHECKPOINT_DIR_RE.match(child.name)
     if match and (step is None or int(match.group(1)) == step):
       found.append(str(child))
   return sorted(found)
@@ -173,7 +174,7 @@ def describe_write_error(err: BaseException) -> str:
 
 def iterator_state_name(shard_id: int, num_shards: int) -> str:
   """t5x's name of a data shard's iterator state (`train_ds-000-of-002`)."""
-  return f"{ITERATOR_STATE_PREFIX}-{shard_id:03}-of-{num_shards:03}"
+  return compat.t5x_iterator_state_name(shard_id, num_shards)
 
 
 def iterator_state_names(ckpt_dir: str) -> List[str]:
@@ -285,7 +286,7 @@ def find_checkpoint_dir(path: str) -> str:
   p = epath.Path(path)
   if not p.exists():
     raise CheckpointError(f"checkpoint path does not exist: {path}")
-  if (p / "checkpoint").exists():
+  if (p / compat.T5X_CHECKPOINT_FILE).exists():
     return str(p)
   step = latest_complete_step(path)
   if step is None:

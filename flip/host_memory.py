@@ -1,22 +1,26 @@
 """How the host C allocator treats the large buffers XLA's CPU backend allocates every step.
 
-XLA's CPU runtime allocates each execution's temporaries (activations, gradients: ~2 GB for the
-side-by-side model's train step) as one block with `malloc` from one of its worker threads and
-frees it when the step ends. With glibc's defaults such a block is served by a fresh `mmap` (it is
-above the mmap threshold, and a worker thread's arena cannot hold it) and unmapped at `free`, so
-every step faults the whole block in again page by page: ~532,000 page faults and ~0.9 s of
-kernel time per step of the side-by-side model, whose step is 12 % faster without them (27 % for
-a 9-layer version; docs/BENCHMARKS.md, "Host allocator and the non-finite guard").
+XLA's CPU runtime allocates each execution's temporaries (activations, gradients: gigabytes for
+a train step) as one block with `malloc` from one of its worker threads and frees it when the step
+ends. With glibc's defaults such a block is served by a fresh `mmap` (it is above the mmap
+threshold, and a worker thread's arena cannot hold it) and unmapped at `free`, so every step faults
+the whole block in again page by page (docs/BENCHMARKS.md, "Host allocator and the non-finite
+guard", has the measured faults, kernel time and step times).
 
 `keep_freed_memory` makes glibc keep such blocks: every thread allocates from the main arena, which
 grows with `brk` and has no size limit per block, nothing is served by `mmap`, and freed memory at
-the top of the heap is never returned to the kernel. The next step reuses the same, already mapped
-pages. The price is that the process's resident size stays at its high-water mark, which a
-training process reaches at every step anyway.
+the top of the heap is never returned to the kernel. A step then faults in pages only when the heap
+grows. XLA frees a step's temporaries on its own thread after the outputs are ready, so the next
+step's allocation can come before that free, and the heap grows by another block instead of
+reusing the freed one; this happens several times, at steps that depend on thread timing, before
+the heap stops growing. A step that does not grow it reuses already mapped pages. The price is that
+the process's resident size stays at that high-water mark.
 
-It is applied when `flip` is imported (before JAX's or TensorFlow's threads create their own
-arenas; arenas created earlier keep serving their threads), only on glibc, and not at all when the
-environment sets `FLIP_KEEP_FREED_MEMORY=0`. Other C libraries (macOS, musl) are left alone.
+Importing this module changes nothing. A process entry point applies it through
+`flip.process_setup.configure_process()` (on JAX's CPU backend), before JAX's or TensorFlow's
+threads create their own arenas (arenas created earlier keep serving their threads); it acts only
+on glibc, and not at all when the environment sets `FLIP_KEEP_FREED_MEMORY=0`. Other C libraries
+(macOS, musl) are left alone.
 """
 
 import ctypes
@@ -46,5 +50,3 @@ def keep_freed_memory() -> bool:
   return all(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1
              for param, value in settings)
 
-
-APPLIED = keep_freed_memory()

@@ -92,13 +92,13 @@ def _logits_dtype(emb: Array) -> jnp.dtype:
   return jnp.promote_types(emb.dtype, MIN_LOGITS_DTYPE)
 
 
-def _similarity(rows: Array, cols: Array) -> Array:
+def similarity(rows: Array, cols: Array) -> Array:
   """[b, D] x [n, D] -> [b, n] dot products, accumulated and returned in the logits dtype."""
   return jnp.einsum("id,jd->ij", rows, cols, precision=LOGITS_MATMUL_PRECISION,
                     preferred_element_type=_logits_dtype(rows))
 
 
-def _paired_similarity(img_emb: Array, txt_emb: Array) -> Array:
+def paired_similarity(img_emb: Array, txt_emb: Array) -> Array:
   """<img_i, txt_i> for every row, in the logits dtype."""
   dtype = _logits_dtype(img_emb)
   return jnp.sum(img_emb.astype(dtype) * txt_emb.astype(dtype), axis=-1)
@@ -108,7 +108,7 @@ def _scale(logit_scale_log: Array, emb: Array) -> Array:
   return jnp.exp(jnp.asarray(logit_scale_log, _logits_dtype(emb)))
 
 
-def _scaled(emb: Array, scale: Array) -> Array:
+def scaled(emb: Array, scale: Array) -> Array:
   """scale * emb in the logits dtype; the scale goes on the [b, D] rows, not the [b, B] product."""
   return scale * emb.astype(scale.dtype)
 
@@ -122,7 +122,7 @@ def _row_cross_entropy(logits: Array, target_logit: Array) -> Array:
   return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def _top1_accuracy(logits: Array, target_index: Array, axis: int) -> Array:
+def top1_accuracy(logits: Array, target_index: Array, axis: int) -> Array:
   """Fraction of rows (axis=1) or columns (axis=0) whose largest logit is the target's."""
   hits = jnp.argmax(logits, axis=axis) == target_index
   return jnp.mean(hits.astype(jnp.float32))
@@ -147,16 +147,16 @@ def contrastive_loss(img_emb: Array, txt_emb: Array, logit_scale_log: Array, *,
     return contrastive_loss_local(img_emb, txt_emb, logit_scale_log, axis_name=axis_name)
   _check_embeddings("contrastive_loss", img_emb, txt_emb, logit_scale_log)
   scale = _scale(logit_scale_log, img_emb)
-  logits = _constrain_rows(_similarity(_scaled(img_emb, scale), txt_emb))
-  target_logit = scale * _paired_similarity(img_emb, txt_emb)
+  logits = _constrain_rows(similarity(scaled(img_emb, scale), txt_emb))
+  target_logit = scale * paired_similarity(img_emb, txt_emb)
   own_index = jnp.arange(img_emb.shape[0])
   loss_i2t = jnp.mean(jax.nn.logsumexp(logits, axis=1) - target_logit)
   loss_t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - target_logit)
   metrics = {
       "loss_i2t": loss_i2t,
       "loss_t2i": loss_t2i,
-      "acc_i2t": _top1_accuracy(logits, own_index, axis=1),
-      "acc_t2i": _top1_accuracy(logits, own_index, axis=0),
+      "acc_i2t": top1_accuracy(logits, own_index, axis=1),
+      "acc_t2i": top1_accuracy(logits, own_index, axis=0),
   }
   return 0.5 * (loss_i2t + loss_t2i), metrics
 
@@ -180,9 +180,9 @@ def contrastive_loss_local(img_emb: Array, txt_emb: Array, logit_scale_log: Arra
   all_img = jax.lax.all_gather(img_emb, axis_name, tiled=True)
   all_txt = jax.lax.all_gather(txt_emb, axis_name, tiled=True)
   scale = _scale(logit_scale_log, img_emb)
-  logits_i2t = _similarity(_scaled(img_emb, scale), all_txt)
-  logits_t2i = _similarity(_scaled(txt_emb, scale), all_img)
-  target_logit = scale * _paired_similarity(img_emb, txt_emb)
+  logits_i2t = similarity(scaled(img_emb, scale), all_txt)
+  logits_t2i = similarity(scaled(txt_emb, scale), all_img)
+  target_logit = scale * paired_similarity(img_emb, txt_emb)
   own_index = jax.lax.axis_index(axis_name) * local_batch + jnp.arange(local_batch)
 
   loss_i2t = jax.lax.pmean(jnp.mean(_row_cross_entropy(logits_i2t, target_logit)), axis_name)
@@ -190,8 +190,8 @@ def contrastive_loss_local(img_emb: Array, txt_emb: Array, logit_scale_log: Arra
   metrics = {
       "loss_i2t": loss_i2t,
       "loss_t2i": loss_t2i,
-      "acc_i2t": jax.lax.pmean(_top1_accuracy(logits_i2t, own_index, axis=1), axis_name),
-      "acc_t2i": jax.lax.pmean(_top1_accuracy(logits_t2i, own_index, axis=1), axis_name),
+      "acc_i2t": jax.lax.pmean(top1_accuracy(logits_i2t, own_index, axis=1), axis_name),
+      "acc_t2i": jax.lax.pmean(top1_accuracy(logits_t2i, own_index, axis=1), axis_name),
   }
   return 0.5 * (loss_i2t + loss_t2i), metrics
 
@@ -217,7 +217,7 @@ def sigmoid_loss(img_emb: Array, txt_emb: Array, logit_scale_log: Array,
   batch = img_emb.shape[0]
   scale = _scale(logit_scale_log, img_emb)
   bias = jnp.asarray(logit_bias, scale.dtype)
-  logits = _constrain_rows(_similarity(_scaled(img_emb, scale), txt_emb) + bias)
+  logits = _constrain_rows(similarity(scaled(img_emb, scale), txt_emb) + bias)
   is_pair = jnp.arange(batch)[:, None] == jnp.arange(batch)[None, :]
   pair_log_lik = jnp.where(is_pair, jax.nn.log_sigmoid(logits), 0.0)
   nonpair_log_lik = jnp.where(is_pair, 0.0, jax.nn.log_sigmoid(-logits))
@@ -227,8 +227,8 @@ def sigmoid_loss(img_emb: Array, txt_emb: Array, logit_scale_log: Array,
   metrics = {
       "loss_pos": loss_pos,
       "loss_neg": loss_neg,
-      "acc_i2t": _top1_accuracy(logits, own_index, axis=1),
-      "acc_t2i": _top1_accuracy(logits, own_index, axis=0),
+      "acc_i2t": top1_accuracy(logits, own_index, axis=1),
+      "acc_t2i": top1_accuracy(logits, own_index, axis=0),
   }
   return loss_pos + loss_neg, metrics
 

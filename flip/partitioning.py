@@ -99,6 +99,11 @@ class FlipPjitPartitioner(t5x_partitioning.PjitPartitioner):
         logical_axis_rules=logical_axis_rules)
     self._partition_states = partition_states
     self._mesh_shape = mesh_shape
+    # The mesh arguments as given, kept here rather than read back from t5x's private attributes.
+    self._flip_backend = backend
+    self._flip_num_partitions = model
+    self._flip_uses_t5x_mesh = bool(model_parallel_submesh) or (
+        ici_mesh_shape is not None and dcn_mesh_shape is not None)
 
   @property
   def partition_states(self) -> bool:
@@ -106,14 +111,13 @@ class FlipPjitPartitioner(t5x_partitioning.PjitPartitioner):
 
   @t5x_partitioning.cached_property
   def mesh(self) -> Mesh:
-    uses_t5x_mesh = (self._model_parallel_submesh or
-                     (self._ici_mesh_shape is not None and self._dcn_mesh_shape is not None))
+    backend = self._flip_backend
     if self._mesh_shape:
-      return explicit_mesh(*self._mesh_shape, backend=self._backend)
-    if not uses_t5x_mesh and jax.devices(self._backend)[0].platform == "cpu":
-      num_devices = len(jax.devices(self._backend))
-      return explicit_mesh(num_devices // self._num_partitions, self._num_partitions,
-                           backend=self._backend)
+      return explicit_mesh(*self._mesh_shape, backend=backend)
+    if not self._flip_uses_t5x_mesh and jax.devices(backend)[0].platform == "cpu":
+      num_devices = len(jax.devices(backend))
+      return explicit_mesh(num_devices // self._flip_num_partitions, self._flip_num_partitions,
+                           backend=backend)
     return super().mesh
 
   def get_mesh_axes(self, train_state):

@@ -120,6 +120,8 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  from flip import process_setup  # pylint: disable=g-import-not-at-top
+  process_setup.configure_process()
   logging.set_verbosity(logging.WARNING)
   define_flags()
   app.run(main, flags_parser=parse_flags)

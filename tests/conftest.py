@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported), TF kept off any GPU,
+"""Test setup: 8 simulated CPU devices (set before jax is imported), the process set-up of an
+entry point (flip.process_setup: malloc tuning on the CPU backend, TF kept off any GPU),
 `scripts/` importable (the reliability harness runs main.py for the subprocess tests), and the
 `slow` marker gated behind FLIP_SLOW_TESTS=1."""
 
@@ -9,6 +10,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from flip import process_setup  # pylint: disable=wrong-import-position
+
+process_setup.configure_process()  # as an entry point does: malloc on CPU, TF off GPUs
 
 import pathlib
 import sys

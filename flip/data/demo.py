@@ -310,5 +310,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  from flip import process_setup  # pylint: disable=g-import-not-at-top
+  process_setup.configure_process()
   define_flags()
   app.run(main)
