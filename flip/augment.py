@@ -38,11 +38,6 @@ import jax
 import jax.numpy as jnp
 import tensorflow as tf
 
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices; nothing to hide any more.
-  pass
-
 Array = jax.Array
 
 # --- RandAugment (timm's `rand_augment_transform`, "increasing" op set) ----------------------------

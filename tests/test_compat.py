@@ -151,10 +151,7 @@ _SOURCES = sorted(str(p.relative_to(REPO_ROOT)) for d in ("flip", "bench", "scri
                   for p in (REPO_ROOT / d).rglob("*.py")) + ["main.py"]
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="imports jax._src.distributed"))
-    if p == "flip/train.py" else p
-    for p in _SOURCES if p != "flip/compat.py"])
+@pytest.mark.parametrize("path", [p for p in _SOURCES if p != "flip/compat.py"])
 def test_no_private_names_outside_compat(path):
   text = (REPO_ROOT / path).read_text()
   assert not _PRIVATE_USE.search(text), (path, _PRIVATE_USE.search(text).group(0))

@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 from t5x import checkpoints as t5x_checkpoints
 
 from flip import builders
@@ -41,8 +40,6 @@ from flip.models import classifier as classifier_lib
 from flip.tasks import classifier as classifier_tasks
 import reliability_harness as harness  # scripts/, on the path from conftest.py
 import train_utils
-
-tf.config.set_visible_devices([], "GPU")
 
 PROBE_SMOKE = "configs/cfg_linprobe_base.py:smoke"
 FINETUNE_SMOKE = "configs/cfg_finetune_base.py:smoke"

@@ -22,8 +22,6 @@ from flip import config as config_lib
 from flip.tasks import classifier as classifier_tasks
 from flip import optim
 
-tf.config.set_visible_devices([], "GPU")
-
 FINETUNE_SMOKE = "configs/cfg_finetune_base.py:smoke"
 TINY = ("image_size=16", "model.model_img.patches.size=(4, 4)", "model.model_img.hidden_size=32",
         "model.model_img.transformer.mlp_dim=64", "model.model_img.transformer.num_heads=2",

@@ -30,8 +30,6 @@ from flip import train
 from flip.models import classifier as classifier_lib
 import train_utils
 
-tf.config.set_visible_devices([], "GPU")
-
 PROBE_SMOKE = "configs/cfg_linprobe_base.py:smoke"
 FINETUNE_SMOKE = "configs/cfg_finetune_base.py:smoke"
 MAE_SMOKE = "configs/cfg_mae_base.py:smoke"

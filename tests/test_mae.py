@@ -32,8 +32,6 @@ from flip.evals import reconstruction
 from flip.models import vit as vit_lib
 import train_utils
 
-tf.config.set_visible_devices([], "GPU")
-
 MAE_SMOKE = "configs/cfg_mae_base.py:smoke"
 IMAGE_SIZE = 16
 PATCH = 4

@@ -3,8 +3,6 @@
 - Only main.py imports the training loop (flip.train); the evaluators never import the loop or
   the trainer.
 - Nothing in flip/ probes a task with hasattr/getattr: tasks declare capabilities.
-- Private APIs of other libraries (`_src` modules, t5x's underscored attributes) are reached only
-  from flip/compat.py.
 - No module of flip/ is over MAX_MODULE_LINES lines, and each starts with a docstring.
 """
 
@@ -15,7 +13,6 @@ import re
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLIP = REPO / "flip"
 MAX_MODULE_LINES = 400
-COMPAT = FLIP / "compat.py"
 
 
 def _modules():
@@ -55,16 +52,6 @@ def test_no_attribute_probes_on_tasks():
   probe = re.compile(r"\b(hasattr|getattr)\(\s*(self\.)?task\b")
   offenders = [f"{_relative(p)}:{i}" for p in _modules() + [REPO / "main.py"]
                for i, line in enumerate(p.read_text().splitlines(), 1) if probe.search(line)]
-  assert offenders == []
-
-
-def test_private_apis_only_in_compat():
-  private = re.compile(r"\b(jax|jaxlib|t5x|seqio|tensorflow|orbax)\b[\w.]*\._src\b"
-                       r"|\bfrom (jax|jaxlib)\._src\b|\._(model_parallel_submesh|ici_mesh_shape|"
-                       r"dcn_mesh_shape|backend|num_partitions)\b")
-  offenders = [f"{_relative(p)}:{i}" for p in _modules() + sorted((REPO / "bench").glob("*.py"))
-               if p != COMPAT
-               for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
   assert offenders == []
 
 

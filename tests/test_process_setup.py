@@ -27,8 +27,11 @@ NO_CUDA_DRIVER = not process_setup.cuda_driver_loadable()
 CLEAN_MODULES = ("flip", "flip.compat", "flip.process_setup", "flip.host_memory",
                  "flip.metrics_writer", "flip.partitioning", "flip.checkpoints", "flip.losses",
                  "flip.config", "flip.optim", "flip.masking", "flip.models.vit",
-                 "flip.models.text", "flip.tasks", "flip.train", "flip.evaluate",
-                 "flip.classification_eval", "flip.visualize")
+                 "flip.models.text", "flip.tasks.contrastive", "flip.tasks.mae",
+                 "flip.tasks.classifier", "flip.builders", "flip.train", "flip.evals.registry",
+                 "flip.evals.zeroshot", "flip.evals.classification", "flip.evals.reconstruction",
+                 "flip.evals.eval_only", "flip.data.laion", "flip.data.eval_sources",
+                 "flip.visualize")
 
 _MALLOC_PROBE = """
 import ctypes, importlib, json, sys

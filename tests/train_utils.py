@@ -36,8 +36,6 @@ from flip import builders
 from flip import train
 from flip import trainer as trainer_lib
 
-tf.config.set_visible_devices([], "GPU")
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = f"{REPO_ROOT / 'configs' / 'cfg_flip_large.py'}:smoke"
 
