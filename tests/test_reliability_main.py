@@ -14,9 +14,10 @@ float32 rounding, with the tolerances below, not bitwise.
 
 The disk-full test mounts a size-limited tmpfs as the workdir (root with CAP_SYS_ADMIN; the test
 fails otherwise, or skips with FLIP_ALLOW_MISSING_DATA=1), sized from the reference's checkpoint
-so that the first checkpoint fits and the second does not. A workdir that turns read-only in the middle of a run cannot be produced here: root
-ignores permissions, and a tmpfs cannot be remounted read-only while the run holds its event file
-open; a read-only workdir at the start is refused with exit status 2 (slow test below).
+so that the first checkpoint fits and the second does not. A workdir that turns read-only in the
+middle of a run cannot be produced here: root ignores permissions, and a tmpfs cannot be remounted
+read-only while the run holds its event file open; a read-only workdir at the start is refused
+with exit status 2 (slow test below).
 
 The in-process tests (numeric faults, failed writes injected, no unpickling, bad configs, bad
 data) are in test_reliability.py; the kill -9 harness is scripts/kill_resume.py.
