@@ -255,6 +255,8 @@ def _validate_towers(config: ml_collections.ConfigDict) -> None:
 
 
 def exit_on_config_error(err: ConfigError) -> None:
-  """Prints the one-line problem and exits with status 2 (like a usage error)."""
-  print(f"config error: {err}", file=sys.stderr)
+  """Prints the one-line problem and exits with status 2 (like a usage error). Only the first
+  line: gin appends "In call to configurable ..." lines to errors raised under a configurable."""
+  lines = str(err).splitlines() or [""]
+  print(f"config error: {lines[0]}", file=sys.stderr)
   sys.exit(2)

@@ -84,6 +84,8 @@ CASES = [
      ["no_such_configurable"]),
     ("gin_unknown_parameter", ["--gin.build_task.no_such_parameter=3"], REFUSED,
      ["build_task", "no_such_parameter"]),
+    ("gin_binding_disagrees_with_config", ["--gin.build_task.task_name='nosuch_task'"], REFUSED,
+     ["build_task.task_name", "nosuch_task"]),
     ("gin_binding_without_value", ["--gin.build_task.task_name"], REFUSED,
      ["--gin.build_task.task_name"]),
     ("gin_unparsable_value", ["--gin.build_task.task_name=[1"], REFUSED,

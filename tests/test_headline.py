@@ -28,7 +28,7 @@ KILLS, KILL_STEPS, KILL_CHECKPOINT_EVERY = 3, 9, 3
 # Zero-shot: the demo model at its real size, ACCURACY_STEPS steps of ACCURACY_BATCH on as many
 # training images (one pass), evaluated on the first ACCURACY_TEST_IMAGES test images.
 ACCURACY_BATCH = 64
-ACCURACY_STEPS = 120
+ACCURACY_STEPS = 192
 ACCURACY_LR = 3e-3  # per 256 samples
 ACCURACY_TEST_IMAGES = 1000
 MIN_TOP1 = 3 * CHANCE_TOP1  # percent
