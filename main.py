@@ -27,6 +27,8 @@ Exit status (what a job scheduler or a retry loop sees; docs/RELIABILITY.md):
 
 import os
 import sys
+import tokenize
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
@@ -40,6 +42,8 @@ EXIT_RUNTIME_ERROR = 1
 EXIT_CONFIG_ERROR = 2  # flip.config.exit_on_config_error
 EXIT_NONFINITE = 3
 EXIT_SIGNAL_BASE = 128  # the shell's convention for "terminated by signal N"
+SENTENCEPIECE = "sentencepiece"  # config.aug.txt.tokenizer of flip.data.text's SentencePiece model
+LAION_CHECK_TEXT = "LAION source "  # flip.data.laion's assertion on a source without valid data
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and tensorboard events.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/…py).",
@@ -57,14 +61,84 @@ _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo",
                                        "CPU collectives implementation for multi-process CPU runs.")
 
 
+def rewrite_gin_args(argv):
+  """`--gin.NAME=VALUE` -> `--gin_bindings=NAME = VALUE` (t5x's spelling, without its log line
+  before absl's flags are parsed); a `--gin.NAME` without a value is a ConfigError."""
+  rewritten = []
+  for arg in argv:
+    if arg.startswith("--gin."):
+      if "=" not in arg:
+        raise config_lib.ConfigError(f"{arg}: a gin binding is --gin.NAME=VALUE")
+      name, value = arg[len("--gin."):].split("=", 1)
+      arg = f"--gin_bindings={name} = {value}"
+    rewritten.append(arg)
+  return rewritten
+
+
 def parse_flags(argv):
   """absl flag parsing with `--gin.X=Y` rewriting and one-line config errors."""
-  from t5x import gin_utils  # pylint: disable=g-import-not-at-top
-  argv = gin_utils.rewrite_gin_args(argv)
   try:
-    return config_lib.parse_config_flags(argv, flags.FLAGS)
+    return config_lib.parse_config_flags(rewrite_gin_args(argv), flags.FLAGS)
   except config_lib.ConfigError as err:
     config_lib.exit_on_config_error(err)
+
+
+def gin_error_line(err: BaseException) -> str:
+  """One line for a gin file or binding that gin cannot open or parse (missing file or include,
+  syntax error, unknown configurable, parameter or reference), naming the file or binding."""
+  if isinstance(err, SyntaxError):
+    where = f"{err.filename}, line {err.lineno}" if err.filename else (
+        f"--gin_bindings line {err.lineno} of {_GIN_BINDINGS.value}")
+    return f"gin: {where}: {err.msg}"
+  if isinstance(err, tokenize.TokenError):
+    return f"gin: cannot parse the bindings {_GIN_BINDINGS.value}: {err.args[0]}"
+  lines = [line.strip() for line in str(err).splitlines() if line.strip().strip("^")]
+  return "gin: " + " ".join(lines)
+
+
+def check_paths(config: Any, workdir: str) -> None:
+  """Refuses, before any heavy import, local paths that cannot be what they name: a workdir that
+  is a file, a `resume_dir` that does not exist (a typo would silently start from scratch), an
+  `aug.txt.spm_path` that is missing or not a SentencePiece model."""
+  if "://" not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory")
+  resume_dir = config.resume_dir
+  if resume_dir and "://" not in resume_dir and not os.path.isdir(resume_dir):
+    raise config_lib.ConfigError(f"config.resume_dir: {resume_dir} is not a directory")
+  spm_path = config.aug.txt.get("spm_path", "")
+  if (config.aug.txt.get("tokenizer") == SENTENCEPIECE and spm_path and "://" not in spm_path):
+    if not os.path.isfile(spm_path):
+      raise config_lib.ConfigError(
+          f"config.aug.txt.spm_path: SentencePiece model not found: {spm_path}")
+    import sentencepiece  # pylint: disable=g-import-not-at-top
+    try:
+      sentencepiece.SentencePieceProcessor(model_file=spm_path)
+    except (RuntimeError, OSError) as err:
+      raise config_lib.ConfigError(f"config.aug.txt.spm_path: {spm_path} is not a SentencePiece "
+                                   f"model ({' '.join(str(err).split())})") from None
+
+
+def check_resume_checkpoint(config: Any, workdir: str) -> None:
+  """Reads the msgpack file and array specs of the checkpoint training will resume from (the
+  workdir's newest, else `config.resume_dir`'s): an unreadable one is a CheckpointError naming it
+  rather than a traceback from inside the restore."""
+  from flip import checkpoints  # pylint: disable=g-import-not-at-top
+  for directory in (workdir, config.resume_dir):
+    step = checkpoints.latest_complete_step(directory) if directory else None
+    if step is not None:
+      checkpoints.read_checkpoint(checkpoints.checkpoint_dir(directory, step), lazy=True)
+      return
+
+
+def training_data_error_line(err: BaseException) -> Optional[str]:
+  """The LAION pipeline's in-graph check (a source or shard that yields no valid example in an
+  epoch: every record unreadable or bad) as one line naming the source; None for other errors."""
+  text = str(err).replace("\\'", "'")
+  start = text.find(LAION_CHECK_TEXT)
+  if start < 0:
+    return None
+  message = text[start:].splitlines()[0]
+  return "training data: " + " ".join(message.replace("[", " ").replace("]", " ").split())
 
 
 def _initialize_distributed():
@@ -87,25 +161,32 @@ def main(argv):
   config = _CONFIG.value
   try:
     config_lib.validate_config(config)
+    check_paths(config, _WORKDIR.value)
   except config_lib.ConfigError as err:
     config_lib.exit_on_config_error(err)
 
   # Heavy imports only after the command line has been accepted, and before gin is parsed and
   # locked (the modules register gin configurables when imported).
   import gin  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from flip import checkpoints  # pylint: disable=g-import-not-at-top
   from flip import train  # pylint: disable=g-import-not-at-top
   from flip.evals import core as evals_core  # pylint: disable=g-import-not-at-top
   from flip.evals import eval_only  # pylint: disable=g-import-not-at-top
   for path in _GIN_SEARCH_PATHS.value:
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value, finalize_config=True)
+  try:
+    gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value,
+                                        finalize_config=True)
+  except (OSError, SyntaxError, ValueError, tokenize.TokenError) as err:
+    config_lib.exit_on_config_error(config_lib.ConfigError(gin_error_line(err)))
 
   _initialize_distributed()
   try:
     if config.eval_only:
       eval_only.run_eval_only(config, _WORKDIR.value)
       return
+    check_resume_checkpoint(config, _WORKDIR.value)
     result = train.train_and_evaluate(config, _WORKDIR.value)
   except config_lib.ConfigError as err:
     config_lib.exit_on_config_error(err)
@@ -115,6 +196,12 @@ def main(argv):
   except (checkpoints.CheckpointError, checkpoints.CheckpointWriteError,
           evals_core.EvalError) as err:
     print(f"error: {err}", file=sys.stderr)
+    sys.exit(EXIT_RUNTIME_ERROR)
+  except tf.errors.InvalidArgumentError as err:
+    line = training_data_error_line(err)
+    if line is None:
+      raise
+    print(f"error: {line}", file=sys.stderr)
     sys.exit(EXIT_RUNTIME_ERROR)
   if result["preempted"]:
     print(f"stopped by signal {result['signal']} at step {result['step']} after writing its "

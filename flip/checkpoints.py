@@ -294,11 +294,22 @@ def find_checkpoint_dir(path: str) -> str:
   return checkpoint_dir(path, step)
 
 
+def read_checkpoint(ckpt_dir: str, lazy: bool = False) -> Dict[str, Any]:
+  """t5x's `load_t5x_checkpoint` of one checkpoint_<step> directory, or a CheckpointError naming
+  the directory when its files cannot be read (garbage or truncated msgpack, missing arrays).
+  `lazy`: arrays as t5x LazyArrays, nothing read but the msgpack file and the array specs."""
+  try:
+    return t5x_checkpoints.load_t5x_checkpoint(ckpt_dir, lazy_parameters=lazy)
+  except (OSError, ValueError, TypeError, KeyError) as err:
+    reason = " ".join(str(err).split()) or type(err).__name__
+    raise CheckpointError(f"cannot read the checkpoint {ckpt_dir}: {reason}") from None
+
+
 def load_state_tree(path: str) -> Dict[str, Any]:
   """Everything a t5x checkpoint holds (`target` parameters, `flax_mutables`, optimizer state)
   as nested dicts of numpy arrays."""
   ckpt_dir = find_checkpoint_dir(path)
-  contents = t5x_checkpoints.load_t5x_checkpoint(ckpt_dir)
+  contents = read_checkpoint(ckpt_dir)
   if "target" not in contents:
     raise CheckpointError(f"{ckpt_dir} holds no parameters ('target' missing)")
   return jax.tree.map(np.asarray, contents)

@@ -109,6 +109,11 @@ def _check_config_file_exists(argv: Sequence[str]) -> None:
                           f"{arg.split('=', 1)[1]})")
 
 
+def _config_path(argv: Sequence[str]) -> str:
+  paths = [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"--{_CONFIG_FLAG}=")]
+  return paths[-1] if paths else "(none)"
+
+
 def parse_config_flags(argv: Sequence[str],
                        flag_values: flags.FlagValues = flags.FLAGS) -> List[str]:
   """Parses argv into `flag_values` (returning the unparsed arguments, as absl does), turning any
@@ -117,6 +122,11 @@ def parse_config_flags(argv: Sequence[str],
   _check_config_file_exists(argv)
   try:
     return flag_values(list(argv))
+  except SyntaxError as err:
+    raise ConfigError(f"config file {err.filename}, line {err.lineno}: {err.msg}") from None
+  except (ImportError, NameError) as err:
+    raise ConfigError(f"config file {_config_path(argv)}: {type(err).__name__}: "
+                      f"{_flag_error_line(err)}") from None
   except (AttributeError, KeyError) as err:
     keys = override_keys(argv)
     config = _base_config_or_none(argv, flag_values)
@@ -125,6 +135,8 @@ def parse_config_flags(argv: Sequence[str],
         check_override_keys(config, keys)
       except ConfigError as key_err:
         raise key_err from None
+    if config is None:
+      raise ConfigError(f"config file {_config_path(argv)}: {_flag_error_line(err)}") from None
     raise ConfigError(f"bad config override: {_flag_error_line(err)}") from None
   except flags.Error as err:
     raise ConfigError(_flag_error_line(err)) from None
@@ -243,6 +255,8 @@ def _validate_towers(config: ml_collections.ConfigDict) -> None:
 
 
 def exit_on_config_error(err: ConfigError) -> None:
-  """Prints the one-line problem and exits with status 2 (like a usage error)."""
-  print(f"config error: {err}", file=sys.stderr)
+  """Prints the one-line problem and exits with status 2 (like a usage error). Only the first
+  line: gin appends "In call to configurable ..." lines to errors raised under a configurable."""
+  lines = str(err).splitlines() or [""]
+  print(f"config error: {lines[0]}", file=sys.stderr)
   sys.exit(2)

@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from absl import logging
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -149,8 +150,8 @@ class TrainingRun:
     self.writer = metrics_writer.make_metric_writer(workdir)
     self.evaluators = evals_registry.build_evaluators(config, evals_registry.EvalContext(
         config=config, task=self.task, partitioner=self.partitioner,
-        params_axes=self.trainer.state_axes.params,
-        mutables_axes=self.trainer.state_axes.flax_mutables, workdir=workdir,
+        params_axes=flax.core.unfreeze(self.trainer.state_axes.params),
+        mutables_axes=flax.core.unfreeze(self.trainer.state_axes.flax_mutables), workdir=workdir,
         writer=self.writer))
     self.last_step = last_step(config, self.plan.progress)
 

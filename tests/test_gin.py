@@ -121,8 +121,11 @@ def test_gin_unknown_binding_fails_naming_it():
     gin.parse_config(T5X_PJIT_GIN + "partitioning.PjitPartitioner.num_partitionz = 2\n")
 
 
-@pytest.mark.skipif(not GIN_FILES, reason="no gin files under gin/ yet")
-@pytest.mark.parametrize("gin_file", GIN_FILES or ["none"])
+def test_gin_files_are_shipped():
+  assert GIN_FILES, f"no gin files under {GIN_DIR}"
+
+
+@pytest.mark.parametrize("gin_file", GIN_FILES)
 def test_shipped_gin_file_builds_a_partitioner(gin_file, smoke):
   config, variables, state = smoke
   gin.add_config_file_search_path(str(REPO_ROOT))

@@ -12,11 +12,12 @@ and concatenated here, their skip counts added here). Two processes reduce gradi
 devices in another order than one process does (gloo between processes), so that comparison is to
 float32 rounding, with the tolerances below, not bitwise.
 
-The disk-full test mounts a size-limited tmpfs as the workdir (root with CAP_SYS_ADMIN; skipped
-otherwise), sized from the reference's checkpoint so that the first checkpoint fits and the second
-does not. A workdir that turns read-only in the middle of a run cannot be produced here: root
-ignores permissions, and a tmpfs cannot be remounted read-only while the run holds its event file
-open; a read-only workdir at the start is refused with exit status 2 (slow test below).
+The disk-full test mounts a size-limited tmpfs as the workdir (root with CAP_SYS_ADMIN; the test
+fails otherwise, or skips with FLIP_ALLOW_MISSING_DATA=1), sized from the reference's checkpoint
+so that the first checkpoint fits and the second does not. A workdir that turns read-only in the
+middle of a run cannot be produced here: root ignores permissions, and a tmpfs cannot be remounted
+read-only while the run holds its event file open; a read-only workdir at the start is refused
+with exit status 2 (slow test below).
 
 The in-process tests (numeric faults, failed writes injected, no unpickling, bad configs, bad
 data) are in test_reliability.py; the kill -9 harness is scripts/kill_resume.py.
@@ -37,6 +38,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 import reliability_harness as harness  # scripts/, on the path from conftest.py
 import train_utils
 from flip import config as config_lib
@@ -198,8 +200,9 @@ def test_sigterm_writes_a_final_checkpoint_exits_143_and_the_restart_matches(
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """mount(size_bytes, read_only=False) -> a fresh tmpfs directory, unmounted afterwards; skips
-  the test where mounting is not permitted (not root, no CAP_SYS_ADMIN)."""
+  """mount(size_bytes, read_only=False) -> a fresh tmpfs directory, unmounted afterwards; fails
+  the test where mounting is not permitted (not root, no CAP_SYS_ADMIN), or skips it with
+  FLIP_ALLOW_MISSING_DATA=1 (conftest.missing_prerequisite)."""
   mounted = []
 
   def mount(size_bytes: int, read_only: bool = False) -> pathlib.Path:
@@ -209,7 +212,9 @@ def small_disk(tmp_path):
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
-      pytest.skip(f"cannot mount a tmpfs here: {' '.join(result.stderr.split())}")
+      conftest.missing_prerequisite(
+          f"cannot mount a tmpfs here (root with CAP_SYS_ADMIN needed): "
+          f"{' '.join(result.stderr.split())}")
     mounted.append(path)
     return path
 
