@@ -107,12 +107,8 @@ CASES = [
     ("laion_path_garbage_files", ["--config.laion_path=X/garbage_laion"], RUNTIME,
      ["X/garbage_laion"]),
     ("eval_dataset_demo_missing", ["--config.eval_dataset=demo:X/nope"], RUNTIME, ["X/nope"]),
-    pytest.param(
-        "eval_dataset_demo_bad_classes_json", ["--config.eval_dataset=demo:X/demo_bad_json"],
-        RUNTIME, ["X/demo_bad_json/classes.json"],
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "flip/data's demo source json.load()s classes.json unguarded: a JSONDecodeError "
-            "traceback; it should raise EvalDataError naming the file"))),
+    ("eval_dataset_demo_bad_classes_json", ["--config.eval_dataset=demo:X/demo_bad_json"],
+     RUNTIME, ["X/demo_bad_json/classes.json"]),
     ("eval_dataset_folder_missing", ["--config.eval_dataset=X/nope"], RUNTIME, ["X/nope"]),
     ("eval_dataset_folder_empty", ["--config.eval_dataset=X/folder_empty"], RUNTIME,
      ["X/folder_empty"]),

@@ -344,7 +344,13 @@ def _demo_source(path: str, max_images: int) -> ClassificationSource:
   split_dir = _demo_dir(path)
   classes_path = os.path.join(split_dir, DEMO_CLASSES_FILE)
   with tf.io.gfile.GFile(classes_path) as f:
-    meta = json.load(f)
+    text = f.read()
+  try:
+    meta = json.loads(text)
+  except ValueError as err:
+    raise EvalDataError(f"{classes_path} is not valid JSON: {err}") from None
+  if not isinstance(meta, dict):
+    raise EvalDataError(f"{classes_path} must hold a JSON object with 'classes' and 'templates'")
   for key in ("classes", "templates"):
     if key not in meta:
       raise EvalDataError(f"{classes_path} has no {key!r} key")
