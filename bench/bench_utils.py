@@ -48,7 +48,7 @@ if CACHE_DIR:
   jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-# The side-by-side model (issue 13 / docs/BENCHMARKS.md); numbers are the benchmark's definition.
+# The side-by-side model (docs/BENCHMARKS.md); numbers are the benchmark's definition.
 SBS_MODEL = dict(image_size=112, patch=16, img_width=384, img_depth=12, img_heads=6,
                  txt_width=256, txt_depth=6, txt_heads=4, text_len=32, vocab=30522, proj=256,
                  batch_size=64, layernorm_epsilon=1e-5)

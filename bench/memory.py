@@ -6,7 +6,7 @@ XLA's memory analysis of the per-device program: arguments (train state + batch 
 (activations, gradients, workspace) and peak = arguments + outputs - donated aliases +
 temporaries. Ratios are to remat none without partition_states. With `--steps > 0` it also times
 the steps (alternating, median) for the step-time cost of each setting (on simulated devices
-sharing the host's cores: ratios only). Goal (issue 13): actcp + partition_states cut the peak by
+sharing the host's cores: ratios only). Goal (docs/BENCHMARKS.md): actcp + partition_states cut the peak by
 >= 40 % at <= 30 % step-time cost.
 
 Usage: python bench/memory.py [--model sbs|demo|tiny] [--devices 8] [--batch_size 0]

@@ -26,7 +26,7 @@ import numpy as np
 
 from flip import flops
 
-GOAL_MFU = 0.80  # issue 13, unmasked step
+GOAL_MFU = 0.80  # docs/BENCHMARKS.md's goal, unmasked step
 
 
 def parse_args(argv=None):

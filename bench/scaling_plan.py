@@ -42,7 +42,7 @@ FLIP_MASK_RATIO = 0.5  # FLIP's default masking
 PLAN_CONFIGS = ("cfg_flip_base", "cfg_flip_large", "cfg_flip_huge14")
 FLOAT32_BYTES = 4
 LOSS_COPIES = 3
-GOAL_PREDICTION_ERROR = 0.15  # issue 13
+GOAL_PREDICTION_ERROR = 0.15  # docs/BENCHMARKS.md's goal
 GIB = 2 ** 30
 MIB = 2 ** 20
 

@@ -134,8 +134,8 @@ class Trainer:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_state)
     # A conditional, not a select per leaf: XLA fuses the scalar `finite` (a chain over every
     # leaf's probe) into each consumer, so a select per leaf copies the whole chain into every
-    # leaf's fusion: quadratic in the number of leaves (the side-by-side model's step took 200 s
-    # and 7.6 GB to compile; 20 s and 4.3 GB this way). A conditional evaluates `finite` once.
+    # leaf's fusion: quadratic in the number of leaves (compile time and memory: docs/BENCHMARKS.md,
+    # "Host allocator and the non-finite guard"). A conditional evaluates `finite` once.
     new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
     new_state = new_state.replace_step(state.step + 1)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,

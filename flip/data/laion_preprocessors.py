@@ -26,8 +26,7 @@ from flip.data.laion_contract import Reason
 from flip.data.laion_contract import SKIP_REASONS
 
 AUTOTUNE = tf.data.AUTOTUNE
-# Captions tokenized per call: amortises tensorflow-text's per-call cost (1.5x the examples/s of
-# tokenizing one caption at a time on the demo set).
+# Captions tokenized per call: amortises tensorflow-text's per-call cost.
 TOKENIZE_BATCH = 64
 # Only the first characters of a caption are tokenized: max_len tokens of BERT WordPiece need far
 # fewer, and 100 kB captions exist in LAION.
