@@ -92,7 +92,7 @@ def test_imagenet_assets_and_templates():
   for key in ("templates_full", "templates_short", "templates_none"):
     templates = eval_sources.imagenet_templates(key)
     assert templates == data[key] and all("{}" in t for t in templates)
-  with pytest.raises(eval_sources.EvalDataError, match="config.zeroshot.templates='templates_80'"):
+  with pytest.raises(eval_sources.EvalDataError, match="templates='templates_80' is not in"):
     eval_sources.imagenet_templates("templates_80")
   with pytest.raises(eval_sources.EvalDataError, match="has no '{}' placeholder"):
     eval_sources.check_templates(["a photo"], "x.json")

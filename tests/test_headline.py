@@ -58,7 +58,7 @@ def test_demo_model_zero_shot_is_well_above_chance_after_a_short_run(tmp_path, f
           f"--config.batch_size={ACCURACY_BATCH}", f"--config.samples_per_epoch={num_train}",
           "--config.num_epochs=1.0", "--config.warmup_epochs=0.1",
           f"--config.learning_rate={ACCURACY_LR}", "--config.log_every_steps=20",
-          "--config.checkpoint_every_steps=100000", "--config.zeroshot.batch_size=250"]
+          "--config.checkpoint_every_steps=100000", "--config.evals.zeroshot.batch_size=250"]
   run = harness.run_main(args, harness.subprocess_env(), str(tmp_path / "stderr"), timeout=600)
   assert run.proc.returncode == 0, run.stderr[-3000:]
   assert harness.complete_steps(str(tmp_path / "wd")) == [ACCURACY_STEPS]

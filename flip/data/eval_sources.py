@@ -3,7 +3,7 @@ and the readers of tfds splits, image folders and TFRecord sets that the classif
 (`flip.data.classification`) build on.
 
 Owns where evaluation images, labels, class names and prompt templates come from; the zero-shot
-arithmetic and the sharded loop live in `flip.evaluate`. Image decoding and the eval resize +
+arithmetic and the sharded loop live in `flip.evals`. Image decoding and the eval resize +
 centre crop are `flip.data.transforms.eval_transform` (the same ops as training's pipeline).
 
 Sources (`config.eval_dataset`, parsed by `flip.data.dataset_spec`):
@@ -27,12 +27,12 @@ Prompt templates for tfds and image folders are the `templates` key of `imagenet
 (`templates_full`: CLIP's full set, `templates_short`: CLIP's short set, `templates_none`: the bare
 class name).
 
-Retrieval captions (`config.zeroshot.retrieval_path`): TFRecords in the LAION (img2dataset) layout,
+Retrieval captions (the `dataset` of a `retrieval` entry of `config.evals`): TFRecords in the LAION (img2dataset) layout,
 features `jpg` and `txt`, one caption per image; a directory, a glob pattern or one file.
 
 Per-process sharding. Every source splits its (first `max_images`) examples into `num_shards`
 contiguous or strided parts whose sizes differ by at most one, so no shard holds more than
-ceil(N / num_shards) examples: `flip.evaluate` pads every shard to the same number of batches with
+ceil(N / num_shards) examples: `flip.evals.core` pads every shard to the same number of batches with
 that bound and checks afterwards that exactly N valid images were counted. Files are read in sorted
 order without shuffling, so a shard's content is deterministic.
 """
@@ -115,7 +115,7 @@ class CaptionSource:
   """Image-caption pairs: `dataset()` yields {"image": uint8 [S, S, 3], "caption": string}.
 
   Crawled caption sets contain undecodable images: those pairs are dropped (logged by tf.data) and
-  `flip.evaluate` reports how many (`num_examples` counts records, not decodable pairs).
+  `flip.evals.retrieval` reports how many (`num_examples` counts records, not decodable pairs).
   """
   name: str
   num_examples: int
@@ -135,11 +135,11 @@ def load_imagenet_zeroshot(path: str = IMAGENET_ZEROSHOT_FILE) -> Dict[str, List
 
 
 def imagenet_templates(templates_key: str, path: str = IMAGENET_ZEROSHOT_FILE) -> List[str]:
-  """The template list stored under `templates_key` (config.zeroshot.templates)."""
+  """The template list stored under `templates_key` (a zeroshot evaluator's `templates`)."""
   data = load_imagenet_zeroshot(path)
   known = sorted(k for k in data if k.startswith("templates"))
   if templates_key not in known:
-    raise EvalDataError(f"config.zeroshot.templates={templates_key!r} is not in {path} "
+    raise EvalDataError(f"templates={templates_key!r} is not in {path} "
                         f"(known: {', '.join(known)})")
   return check_templates(list(data[templates_key]), f"{path}:{templates_key}")
 

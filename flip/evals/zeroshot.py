@@ -170,6 +170,11 @@ class ZeroShotEvaluator(registry.Evaluator):
     s = self.settings
     if int(s["max_images"]) < 0:
       raise core.EvalConfigError(f"{self.key}.max_images must be >= 0, got {s['max_images']}")
+    known_templates = sorted(k for k in eval_sources.load_imagenet_zeroshot()
+                             if k.startswith("templates"))
+    if s["templates"] not in known_templates:
+      raise core.EvalConfigError(f"{self.key}.templates={s['templates']!r} is not one of "
+                                 f"{', '.join(known_templates)}")
     try:
       self.source = eval_sources.classification_source(s["dataset"], s["templates"],
                                                    s["classnames_file"], int(s["max_images"]))
