@@ -135,6 +135,9 @@ def test_bad_entries_are_refused_in_one_line_naming_the_key(recorder):
        "config.evals.e.batch_size must be > 0, got 0"),
       (dict(type="recorder", dataset="x", every_epochs=-1.0),
        "config.evals.e.every_epochs must be >= 0, got -1.0"),
+      (dict(type="zeroshot", dataset="x", templates="templates_80"),
+       "config.evals.e.templates='templates_80' is not one of templates_full, templates_none, "
+       "templates_short"),
       (dict(type="reconstruction", dataset="x"),
        "config.evals.e.type='reconstruction' needs RECONSTRUCTS, which task 'flip' does not "
        "have: set --config.evals.e.dataset= to turn it off"),
