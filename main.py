@@ -105,8 +105,9 @@ def check_paths(config: Any, workdir: str) -> None:
   resume_dir = config.resume_dir
   if resume_dir and "://" not in resume_dir and not os.path.isdir(resume_dir):
     raise config_lib.ConfigError(f"config.resume_dir: {resume_dir} is not a directory")
-  spm_path = config.aug.txt.get("spm_path", "")
-  if (config.aug.txt.get("tokenizer") == SENTENCEPIECE and spm_path and "://" not in spm_path):
+  text_settings = config.get("aug", {}).get("txt") or {}  # image-only tasks have no text tower
+  spm_path = text_settings.get("spm_path", "")
+  if text_settings.get("tokenizer") == SENTENCEPIECE and spm_path and "://" not in spm_path:
     if not os.path.isfile(spm_path):
       raise config_lib.ConfigError(
           f"config.aug.txt.spm_path: SentencePiece model not found: {spm_path}")

@@ -37,8 +37,6 @@ class ClassificationEvaluator(registry.Evaluator):
     super().__init__(name, settings, context)
     from flip.data import classification  # pylint: disable=g-import-not-at-top (tf)
     s = self.settings
-    if int(s["max_images"]) < 0:
-      raise core.EvalConfigError(f"{self.key}.max_images must be >= 0, got {s['max_images']}")
     config = context.config
     dataset_key = f"{self.key}.dataset"
     try:

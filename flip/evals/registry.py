@@ -184,6 +184,8 @@ def resolve_settings(name: str, entry: Any, cls: Type[Evaluator],
     raise core.EvalConfigError(f"{key}.batch_size must be > 0, got {settings['batch_size']}")
   if float(settings["every_epochs"]) < 0:
     raise core.EvalConfigError(f"{key}.every_epochs must be >= 0, got {settings['every_epochs']}")
+  if int(settings.get("max_images", 0)) < 0:  # every type that reads a prefix of its data
+    raise core.EvalConfigError(f"{key}.max_images must be >= 0, got {settings['max_images']}")
   return settings
 
 

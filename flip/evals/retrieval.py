@@ -115,8 +115,6 @@ class RetrievalEvaluator(registry.Evaluator):
     super().__init__(name, settings, context)
     from flip.data import eval_sources  # pylint: disable=g-import-not-at-top (tf only when evaluating)
     s = self.settings
-    if int(s["max_images"]) < 0:
-      raise core.EvalConfigError(f"{self.key}.max_images must be >= 0, got {s['max_images']}")
     try:
       self.source = eval_sources.caption_source(s["dataset"], int(s["max_images"]))
     except eval_sources.EvalDataError as err:

@@ -24,7 +24,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from flip import augment
@@ -58,7 +57,7 @@ def vit_layer_id(names: Sequence[str], num_layers: int) -> int:
   return num_layers + 1
 
 
-class ClassifierTask(registry.Task):
+class ClassifierTask(common.ImageModelTask):
   """Supervised classification of `config.data.train` with a ViT (probe or fine-tuning)."""
 
   name = "classifier"
@@ -94,26 +93,17 @@ class ClassifierTask(registry.Task):
 
   # --- batch layout ---------------------------------------------------------------------------
   def batch_spec(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
-    return {"image": jax.ShapeDtypeStruct((batch_size, self.image_size, self.image_size, 3),
-                                          jnp.uint8),
-            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+    return dict(super().batch_spec(batch_size),
+                label=jax.ShapeDtypeStruct((batch_size,), jnp.int32))
 
   def batch_logical_axes(self) -> Dict[str, Tuple[Any, ...]]:
     return {"image": common.IMAGE_AXES, "label": LABEL_AXES}
-
-  def dummy_batch(self, batch_size: int) -> Dict[str, np.ndarray]:
-    return {k: np.zeros(v.shape, v.dtype) for k, v in self.batch_spec(batch_size).items()}
 
   def train_dataset(self, config: Any, shard_index: int, num_shards: int, seed: int):
     from flip.data import classification  # pylint: disable=g-import-not-at-top (tf)
     return classification.make_train_dataset(config, shard_index, num_shards, seed)
 
   # --- variables and optimizer ----------------------------------------------------------------
-  def init_variables(self, rng: Array) -> flax.core.FrozenDict:
-    images = self.dummy_batch(1)["image"]
-    variables = self.model.init(common.split_rngs(rng) | {"params": rng}, images, train=False)
-    return flax.core.freeze(variables)
-
   def load_pretrained_params(self, path: str, params_shapes: Mapping[str, Any]) -> Dict[str, Any]:
     return common.load_modules(path, params_shapes, required=(common.ENCODER,),
                                posemb_grid=self.posemb_grid)

@@ -3,10 +3,13 @@ top-level modules (a task's pretrained subset)."""
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import flax
 import jax
+import numpy as np
 
 from flip import checkpoints
 from flip import config as config_lib
+from flip.tasks import registry
 
 Array = jax.Array
 
@@ -51,3 +54,22 @@ def refuse_zeroshot(config: Any, task_name: str) -> None:
     raise config_lib.ConfigError(
         f"config.eval_dataset={config.eval_dataset!r} asks for zero-shot evaluation, which needs "
         f"a text tower; task {task_name!r} has none: set --config.eval_dataset=")
+
+
+class ImageModelTask(registry.Task):
+  """A task whose model takes uint8 images alone (MAE, the classifiers): the batch spec, a dummy
+  batch and variable initialisation from one image."""
+
+  model: Any
+
+  def batch_spec(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
+    image = jax.ShapeDtypeStruct((batch_size, self.image_size, self.image_size, 3), np.uint8)
+    return {"image": image}
+
+  def dummy_batch(self, batch_size: int) -> Dict[str, np.ndarray]:
+    return {k: np.zeros(v.shape, v.dtype) for k, v in self.batch_spec(batch_size).items()}
+
+  def init_variables(self, rng: Array) -> flax.core.FrozenDict:
+    images = self.dummy_batch(1)["image"]
+    variables = self.model.init(split_rngs(rng) | {"params": rng}, images, train=False)
+    return flax.core.freeze(variables)

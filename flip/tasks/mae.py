@@ -17,10 +17,8 @@ has one, checked against the model and position-embedding-resized by
 
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flip import config as config_lib
 from flip import losses
@@ -39,7 +37,7 @@ DECODER = "mae_decoder"
 # --- MAE pretraining ----------------------------------------------------------------------------
 
 @registry.register_task("mae")
-class MaeTask(registry.Task):
+class MaeTask(common.ImageModelTask):
   """Masked-autoencoder pretraining on the images of `config.data.train`."""
 
   name = "mae"
@@ -60,15 +58,8 @@ class MaeTask(registry.Task):
     self.norm_pix_loss = bool(config.model.norm_pix_loss)
 
   # --- batch layout ---------------------------------------------------------------------------
-  def batch_spec(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
-    return {"image": jax.ShapeDtypeStruct((batch_size, self.image_size, self.image_size, 3),
-                                          jnp.uint8)}
-
   def batch_logical_axes(self) -> Dict[str, Tuple[Any, ...]]:
     return {"image": common.IMAGE_AXES}
-
-  def dummy_batch(self, batch_size: int) -> Dict[str, np.ndarray]:
-    return {k: np.zeros(v.shape, v.dtype) for k, v in self.batch_spec(batch_size).items()}
 
   def train_dataset(self, config: Any, shard_index: int, num_shards: int, seed: int):
     from flip.data import classification  # pylint: disable=g-import-not-at-top (tf)
@@ -76,11 +67,6 @@ class MaeTask(registry.Task):
                                              with_labels=False)
 
   # --- variables ------------------------------------------------------------------------------
-  def init_variables(self, rng: Array) -> flax.core.FrozenDict:
-    images = self.dummy_batch(1)["image"]
-    variables = self.model.init(common.split_rngs(rng) | {"params": rng}, images, train=False)
-    return flax.core.freeze(variables)
-
   def load_pretrained_params(self, path: str, params_shapes: Mapping[str, Any]) -> Dict[str, Any]:
     return common.load_modules(path, params_shapes, required=(common.ENCODER,),
                                optional=(DECODER,),
