@@ -1,5 +1,10 @@
 """Pieces every task uses: named rng streams, micro-batch reshaping, and loading a checkpoint's
-top-level modules (a task's pretrained subset)."""
+top-level modules (a task's pretrained subset).
+
+An image encoder whose checkpoint has a `type_embedding` (M3AE's image type embedding, one vector
+added to every patch token) loads into an encoder without one by adding it to the patch-embedding
+bias, which adds the same vector to every patch token: the features are unchanged.
+"""
 
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -16,6 +21,9 @@ Array = jax.Array
 # The image encoder's sub-tree: the same name in the FLIP, MAE and classifier models.
 ENCODER = "img_encoder"
 IMAGE_AXES = ("batch", None, None, None)
+# An encoder's per-patch-token additive vector [1, 1, D] (flip.models.m3ae), and the patch bias.
+TYPE_EMBEDDING = "type_embedding"
+PATCH_BIAS = ("embedding", "bias")
 
 # Names of the rng streams every task's model may use.
 RNG_STREAMS = ("dropout", "droppath", "masking")
@@ -43,9 +51,25 @@ def load_modules(path: str, params_shapes: Mapping[str, Any], required: Sequence
         f"{ckpt_dir} has no {', '.join(missing)} parameters (top-level modules: "
         f"{', '.join(sorted(loaded))})")
   names = list(required) + [name for name in optional if name in loaded]
+  if ENCODER in names:
+    loaded = dict(loaded, **{ENCODER: fold_type_embedding(loaded[ENCODER],
+                                                          params_shapes[ENCODER])})
   return checkpoints.match_params({name: loaded[name] for name in names},
                                   {name: params_shapes[name] for name in names},
                                   posemb_grid=posemb_grid, source=ckpt_dir)
+
+
+def fold_type_embedding(encoder: Mapping[str, Any],
+                        target_shapes: Mapping[str, Any]) -> Mapping[str, Any]:
+  """A loaded encoder with its `type_embedding` added to the patch bias when the target encoder
+  has none (see the module doc); otherwise unchanged."""
+  if TYPE_EMBEDDING not in encoder or TYPE_EMBEDDING in target_shapes:
+    return encoder
+  folded = {k: v for k, v in encoder.items() if k != TYPE_EMBEDDING}
+  module, leaf = PATCH_BIAS
+  bias = encoder[module][leaf] + encoder[TYPE_EMBEDDING].reshape(-1)
+  folded[module] = dict(encoder[module], **{leaf: bias})
+  return folded
 
 
 def refuse_zeroshot(config: Any, task_name: str) -> None:

@@ -142,6 +142,7 @@ TASK_MODULES: Dict[str, str] = {
     "mae": "flip.tasks.mae",
     "linprobe": "flip.tasks.classifier",
     "finetune": "flip.tasks.classifier",
+    "m3ae": "flip.tasks.m3ae",
 }
 _REGISTRY: Dict[str, Type[Task]] = {}
 TaskClass = TypeVar("TaskClass", bound=Type[Task])
