@@ -28,6 +28,7 @@ def get_config(arg=None):
   config.laion_cycle_length = 16  # ours: files read in parallel per host
   config.laion_read_chunk_bytes = 262144  # ours: read size; records are cut out of chunks
   config.image_size = 224  # FLIP
+  config.image_normalization = "imagenet"  # ours: pixel statistics (flip.models.normalization)
   config.samples_per_epoch = IMAGENET_TRAIN_SAMPLES  # FLIP: epochs are virtual ImageNet epochs
 
   # Schedule (virtual epochs of samples_per_epoch).

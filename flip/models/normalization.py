@@ -9,7 +9,7 @@ A model and every task that loads it (probe, fine-tuning, reconstruction targets
 same name; configs without the key use `imagenet`.
 """
 
-from typing import Any, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 from flip import config as config_lib
 
@@ -33,3 +33,9 @@ def stats_by_name(name: str) -> PixelStats:
 def pixel_stats(config: Any) -> PixelStats:
   """(mean, std) in 0..255 units of `config.image_normalization` (default `imagenet`)."""
   return stats_by_name(config.get("image_normalization", DEFAULT))
+
+
+def with_pixel_stats(img_kwargs: Mapping[str, Any], config: Any) -> Dict[str, Any]:
+  """Image-encoder fields (`flip.models.vit.vit_kwargs_from_config`) with the config's statistics."""
+  mean, std = pixel_stats(config)
+  return {**img_kwargs, "pixel_mean": mean, "pixel_std": std}

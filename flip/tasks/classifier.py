@@ -30,7 +30,7 @@ from flip import augment
 from flip import config as config_lib
 from flip import optim
 from flip.models import classifier as classifier_lib
-from flip.models import vit as vit_lib
+from flip.models import normalization
 from flip.tasks import common
 from flip.tasks import registry
 
@@ -74,7 +74,8 @@ class ClassifierTask(common.ImageModelTask):
       raise config_lib.ConfigError(
           f"task {self.name!r} needs config.classifier.frozen_encoder="
           f"{self.requires_frozen_encoder}, got {frozen}")
-    self.model = classifier_lib.classifier_from_config(config)
+    model = classifier_lib.classifier_from_config(config)
+    self.model = model.clone(img=normalization.with_pixel_stats(model.img, config))
     self.num_classes = int(config.data.num_classes)
     self.frozen_encoder = frozen
     self.num_layers = int(config.model.model_img.transformer.num_layers)
@@ -88,8 +89,7 @@ class ClassifierTask(common.ImageModelTask):
                                    cutmix_alpha=float(mix.cutmix_alpha), prob=float(mix.prob),
                                    switch_prob=float(mix.switch_prob))
     self.reprob = float(config.aug.reprob)
-    self.pixel_mean = vit_lib.IMAGENET_MEAN_RGB
-    self.pixel_std = vit_lib.IMAGENET_STD_RGB
+    self.pixel_mean, self.pixel_std = normalization.pixel_stats(config)
 
   # --- batch layout ---------------------------------------------------------------------------
   def batch_spec(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:

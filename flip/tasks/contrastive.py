@@ -22,6 +22,7 @@ import numpy as np
 from flip import losses
 from flip import masking
 from flip.models import flip as flip_model_lib
+from flip.models import normalization
 from flip.tasks import common
 from flip.tasks import registry
 
@@ -38,7 +39,8 @@ class FlipTask(registry.Task):
 
   def __init__(self, config: Any):
     super().__init__(config)
-    self.model = flip_model_lib.flip_model_from_config(config)
+    model = flip_model_lib.flip_model_from_config(config)
+    self.model = model.clone(img=normalization.with_pixel_stats(model.img, config))
     self.max_len = config.aug.txt.max_len
     self.mask_ratio = config.model.model_img.mask_ratio
     self.num_patches = self.posemb_grid[0] * self.posemb_grid[1]

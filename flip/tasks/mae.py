@@ -24,6 +24,7 @@ from flip import config as config_lib
 from flip import losses
 from flip import masking
 from flip.models import mae as mae_lib
+from flip.models import normalization
 from flip.tasks import common
 from flip.tasks import registry
 
@@ -51,7 +52,8 @@ class MaeTask(common.ImageModelTask):
     if not 0.0 < ratio < 1.0:
       raise config_lib.ConfigError(f"config.model.model_img.mask_ratio must be in (0, 1) for "
                                    f"MAE, got {ratio}")
-    self.model = mae_lib.mae_from_config(config)
+    model = mae_lib.mae_from_config(config)
+    self.model = model.clone(img=normalization.with_pixel_stats(model.img, config))
     self.patch_size = tuple(config.model.model_img.patches.size)
     self.num_patches = self.posemb_grid[0] * self.posemb_grid[1]
     self.mask_ratio = ratio
