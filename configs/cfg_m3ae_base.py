@@ -51,9 +51,15 @@ def get_m3ae_config(size: str) -> ml_collections.ConfigDict:
   m3ae.vocab_size = BERT_VOCAB_SIZE
   m3ae.text_max_len = 64  # M3AE: paired captions
   m3ae.unpaired_text_max_len = 256  # M3AE: text-only examples
+  # ours: the frozen tokenizer of discretized_image (flip.models.vqgan): the user's weights file
+  # (.npz or .msgpack; never downloaded) and its architecture, MaskGIT's ImageNet-256 by default.
   m3ae.vqgan = ml_collections.ConfigDict()
-  m3ae.vqgan.weights = ""  # ours: the user's tokenizer weights (.npz or .msgpack); never downloaded
-  m3ae.vqgan.size = "maskgit_imagenet256"  # ours: the tokenizer architecture (flip.models.vqgan)
+  m3ae.vqgan.weights = ""
+  m3ae.vqgan.filters = 128  # MaskGIT ImageNet-256 VQGAN
+  m3ae.vqgan.num_res_blocks = 2  # MaskGIT
+  m3ae.vqgan.channel_multipliers = (1, 1, 2, 2, 4)  # MaskGIT: 256 px -> 16 x 16 codes
+  m3ae.vqgan.embedding_dim = 256  # MaskGIT
+  m3ae.vqgan.codebook_size = 1024  # MaskGIT
 
   config.data.train = ""  # paired HDF5 file(s): `jpg` + `caption` (comma-separated, globs)
   config.data.eval = ""  # ours: no held-out classification during pretraining

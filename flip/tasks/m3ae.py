@@ -7,7 +7,9 @@ rows + `unpaired_text_loss_weight` x text loss of the text-only rows (`config.mo
 - Image loss: per-patch MSE against the normalised pixels (`config.model.norm_pix_loss`: each
   target patch normalised by its mean and unbiased variance, MAE's), averaged over the removed
   patches of paired rows, or over all their patches with `loss_all_patches`; with discretised
-  targets (flip.tasks.m3ae_vq) the per-patch term is the cross-entropy against the tokenizer's code.
+  targets (`discretized_image`) the per-patch term is the cross-entropy of the image head's logits
+  against the code of a frozen VQGAN tokenizer (flip.models.vqgan, weights from
+  `config.model.m3ae.vqgan.weights`), whose code grid must be the patch grid.
 - Text losses: token cross-entropy averaged over masked real tokens (never padding).
 Text-only rows therefore add nothing to the image loss, and their image tokens are out of every
 attention (flip.models.m3ae), so they give the image-side parameters no gradient.
@@ -35,6 +37,7 @@ from flip import losses
 from flip import masking
 from flip.models import m3ae as m3ae_lib
 from flip.models import normalization
+from flip.models import vqgan
 from flip.tasks import common
 from flip.tasks import registry
 
@@ -94,13 +97,22 @@ class M3aeTask(registry.Task):
     self.text_len = text_length(config)
     self.patch_size = tuple(config.model.model_img.patches.size)
     self.num_patches = self.posemb_grid[0] * self.posemb_grid[1]
+    self.discretized = bool(settings.discretized_image)
+    self.tokenizer, self.tokenizer_params = None, None
+    if self.discretized:
+      self.tokenizer = vqgan.tokenizer_from_config(settings.vqgan)
+      if self.tokenizer.grid(self.image_size) != self.posemb_grid:
+        raise config_lib.ConfigError(
+            f"config.model.m3ae.vqgan gives a {self.tokenizer.grid(self.image_size)} code grid "
+            f"at image_size={self.image_size}; the patch grid is {self.posemb_grid}")
+      try:
+        self.tokenizer_params = vqgan.load_params(settings.vqgan.weights, self.tokenizer,
+                                                  self.image_size)
+      except (ValueError, OSError) as err:
+        raise config_lib.ConfigError(str(err)) from None
     self.model = m3ae_lib.m3ae_from_config(
-        config, num_image_codes=self.num_image_codes(),
+        config, num_image_codes=self.tokenizer.codebook_size if self.discretized else 0,
         pixel_stats=normalization.pixel_stats(config))
-
-  def num_image_codes(self) -> int:
-    """Outputs per patch of the image head beyond pixels: 0 (pixel targets)."""
-    return 0
 
   # --- batch layout ---------------------------------------------------------------------------
   def batch_spec(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -149,12 +161,19 @@ class M3aeTask(registry.Task):
                             image_noise, text_noise, image_mask_ratio=self.image_mask_ratio,
                             text_mask_ratio=self.text_mask_ratio, train=train, rngs=rngs)
 
+  def image_codes(self, images: Array) -> Array:
+    """The frozen tokenizer's codes [B, N] (patch order) of uint8 images."""
+    codes = self.tokenizer.apply({"params": self.tokenizer_params}, images)
+    return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1))
+
   def image_targets(self, params: Params, images: Array, outputs: Mapping[str, Array]) -> Array:
-    """What the image head predicts per patch (normalised pixels here)."""
-    del params, images
-    return outputs["target"]
+    """What the image head predicts per patch: normalised pixels, or the tokenizer's codes."""
+    del params
+    return self.image_codes(images) if self.discretized else outputs["target"]
 
   def per_patch_image_loss(self, pred: Array, targets: Array) -> Array:
+    if self.discretized:
+      return optax.softmax_cross_entropy_with_integer_labels(pred, targets)
     return per_patch_pixel_error(pred, targets, self.norm_pix_loss)
 
   def weights_for(self, image_noise: Array, text_noise: Array,
@@ -186,6 +205,9 @@ class M3aeTask(registry.Task):
   def reconstruct(self, params: Params, images: Array,
                   mask_noise: Array) -> Tuple[Dict[str, Array], Array]:
     """Image reconstruction without a caption (inference mode) and its image loss."""
+    if self.discretized:
+      raise config_lib.ConfigError("the reconstruction grid needs pixel targets: "
+                                   "config.model.m3ae.discretized_image=True predicts codes")
     batch = {"image": images, "text": jnp.zeros((images.shape[0], 1), jnp.int32),
              "paired": jnp.ones((images.shape[0],), jnp.int32)}
     outputs = self.forward(params, batch, mask_noise, jnp.zeros((images.shape[0], 1)))
