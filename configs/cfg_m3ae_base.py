@@ -62,7 +62,6 @@ def get_m3ae_config(size: str) -> ml_collections.ConfigDict:
   m3ae.vqgan.codebook_size = 1024  # MaskGIT
 
   config.data.train = ""  # paired HDF5 file(s): `jpg` + `caption` (comma-separated, globs)
-  config.data.eval = ""  # ours: no held-out classification during pretraining
   config.data.text_only = ""  # ours: text-only HDF5 file(s) with `text`, "" = none
   config.data.text_only_rate = 0.5  # ours: mixture rate of the text-only source (paired: 1 - it)
 

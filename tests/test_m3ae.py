@@ -162,7 +162,7 @@ def test_image_loss_with_the_text_branch_off_equals_the_mae_task(tmp_path):
   m3ae = m3ae_tasks.M3aeTask(m3ae_config("model.m3ae.use_type_embedding=False",
                                          "image_normalization=imagenet"))
   mae = mae_tasks.MaeTask(config_lib.load_config(
-      MAE_SMOKE, list(TOWER) + ["data.train=", "data.eval=", "model.model_img.mask_ratio=0.75"]))
+      MAE_SMOKE, list(TOWER) + ["data.train=", "model.model_img.mask_ratio=0.75"]))
   rng = jax.random.PRNGKey(7)
   params = compile_fast(m3ae.init_variables, rng)(rng)["params"]
   decoder_names = ("decoder_embed", "mask_token", "Transformer", "decoder_pred")

@@ -32,7 +32,6 @@ predicts the pixels (or, with discretised targets, the code logits) of every pat
 logits of every text position. Losses are computed by the task (flip.tasks.m3ae).
 """
 
-import dataclasses
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
@@ -108,25 +107,20 @@ class TextEmbed(nn.Module):
     return layers.with_sharding_constraint(x, ("batch", "length", "embed"))
 
 
-class M3aeEncoder(nn.Module):
+class M3aeEncoder(layers.EncoderFields):
   """Kept image patches (+ type embedding) and given text tokens through one transformer."""
 
-  patch_size: Tuple[int, int] = (16, 16)
-  hidden_size: int = 768
+  # The stack's fields come from layers.EncoderFields; these three with this tower's defaults.
   num_layers: int = 12
   num_heads: int = 12
   mlp_dim: int = 3072
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  remat_policy: str = "none"
+
+  patch_size: Tuple[int, int] = (16, 16)
+  hidden_size: int = 768
   use_cls_token: bool = True
-  layernorm_epsilon: float = 1e-6
-  gelu: str = "exact"
   use_type_embedding: bool = True
   pixel_mean: Tuple[float, ...] = vit_lib.IMAGENET_MEAN_RGB
   pixel_std: Tuple[float, ...] = vit_lib.IMAGENET_STD_RGB
-  dtype: Any = jnp.float32
 
   def normalize(self, images: Array) -> Array:
     """uint8 or float pixels in 0..255 -> (x - mean) / std per channel, float32."""
@@ -161,30 +155,20 @@ class M3aeEncoder(nn.Module):
       valid.insert(0, jnp.ones((batch, 1), bool))
     x = jnp.concatenate(parts, axis=1)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    x = layers.Encoder(
-        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, remat_policy=self.remat_policy,
-        layernorm_epsilon=self.layernorm_epsilon, gelu=self.gelu, dtype=self.dtype,
-        name="Transformer")(x, jnp.concatenate(valid, axis=1), train=train)
+    x = layers.encoder_of(self)(x, jnp.concatenate(valid, axis=1), train=train)
     return {"tokens": x, "image_mask": image_mask}
 
 
-class M3aeDecoder(nn.Module):
+class M3aeDecoder(layers.EncoderFields):
   """Both modalities restored with their mask tokens, one transformer, pixel and token heads."""
 
-  hidden_size: int = 512
+  # The stack's fields come from layers.EncoderFields; these three with this tower's defaults.
   num_layers: int = 8
   num_heads: int = 16
   mlp_dim: int = 2048
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  remat_policy: str = "none"
-  layernorm_epsilon: float = 1e-6
-  gelu: str = "exact"
+
+  hidden_size: int = 512
   use_type_embedding: bool = True
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: Array, num_prefix: int, image_restore: Array, grid: Tuple[int, int],
@@ -225,12 +209,7 @@ class M3aeDecoder(nn.Module):
     key_mask = jnp.concatenate([
         jnp.ones((batch, num_prefix), bool),
         jnp.broadcast_to(paired.astype(bool)[:, None], (batch, num_patches)), text_valid], axis=1)
-    x = layers.Encoder(
-        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, remat_policy=self.remat_policy,
-        layernorm_epsilon=self.layernorm_epsilon, gelu=self.gelu, dtype=self.dtype,
-        name="Transformer")(x, key_mask, train=train)
+    x = layers.encoder_of(self)(x, key_mask, train=train)
     image_out = layers.Dense(num_image_outputs, ("embed", "pixels"), dtype=self.dtype,
                              name="decoder_pred")(x[:, num_prefix:num_prefix + num_patches])
     text_out = layers.Dense(num_text_outputs, ("embed", "vocab"), dtype=self.dtype,
@@ -298,9 +277,7 @@ def encoder_kwargs_from_config(img_config: Any) -> Dict[str, Any]:
                      "config.model.model_img.sincos=True")
   for key in ("mask_ratio", "pool", "dtype"):
     kwargs.pop(key)
-  field_names = {f.name for f in dataclasses.fields(M3aeEncoder)}
-  assert set(kwargs) <= field_names, set(kwargs) - field_names
-  return kwargs
+  return layers.checked_fields(M3aeEncoder, kwargs)
 
 
 def m3ae_from_config(config: Any, num_image_codes: int = 0,
