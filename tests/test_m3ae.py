@@ -15,13 +15,18 @@ import numpy as np
 import pytest
 
 import train_utils
+from configs import cfg_m3ae_base
+from flip import checkpoints
 from flip import config as config_lib
 from flip import masking
+from flip import optim
 from flip.models import m3ae as m3ae_lib
+from flip.models import normalization
 from flip.models import vit as vit_lib
 from flip.tasks import common
 from flip.tasks import m3ae as m3ae_tasks
 from flip.tasks import mae as mae_tasks
+from flip.tasks import registry
 
 M3AE_SMOKE = "configs/cfg_m3ae_base.py:smoke"
 MAE_SMOKE = "configs/cfg_mae_base.py:smoke"
@@ -283,3 +288,44 @@ def test_the_model_shards_over_a_4x2_mesh_and_matches_the_one_device_step():
   assert worst <= 1e-6, where
   spec = run.state.params["text_embed"]["token_embedding"].sharding.spec
   assert spec[0] == "model"  # the vocab axis is split over the model axis
+
+
+# ---------------------------------------------------------------- configs
+
+def test_probe_and_finetune_configs_load_the_image_side_of_an_m3ae_checkpoint(monkeypatch):
+  m3ae = m3ae_tasks.M3aeTask(config_lib.load_config(M3AE_SMOKE))
+  rng = jax.random.PRNGKey(0)
+  params = flax.core.unfreeze(jax.device_get(jax.jit(m3ae.init_variables)(rng)["params"]))
+  monkeypatch.setattr(checkpoints, "find_checkpoint_dir", lambda path: path)
+  monkeypatch.setattr(checkpoints, "load_params_tree", lambda path: params)
+  encoder = params["img_encoder"]
+  for name in ("configs/cfg_linprobe_m3ae.py:smoke", "configs/cfg_finetune_m3ae.py:smoke"):
+    config = config_lib.load_config(name)
+    task = registry.get_task(config, config.task)
+    assert task.model.img["pixel_mean"] == normalization.stats_by_name("cc12m")[0]
+    shapes = jax.eval_shape(task.init_variables, rng)["params"]
+    loaded = task.load_pretrained_params("m3ae_run", shapes)
+    np.testing.assert_allclose(
+        loaded["img_encoder"]["embedding"]["bias"],
+        encoder["embedding"]["bias"] + encoder["type_embedding"].reshape(-1), rtol=1e-6)
+    np.testing.assert_array_equal(loaded["img_encoder"]["cls"], encoder["cls"])
+
+
+def test_recipe_numbers_of_the_m3ae_configs():
+  pretrain = config_lib.load_config("configs/cfg_m3ae_base.py")
+  assert optim.peak_learning_rate(pretrain) == pytest.approx(1.5e-4)
+  assert (pretrain.batch_size, pretrain.num_epochs, pretrain.warmup_epochs) == (4096, 100, 5)
+  assert (pretrain.opt.b2, pretrain.opt.weight_decay) == (0.95, 0.05)
+  weights = pretrain.model.m3ae
+  assert (weights.image_loss_weight, weights.text_loss_weight,
+          weights.unpaired_text_loss_weight) == (1.0, 0.5, 0.0)
+  probe = config_lib.load_config("configs/cfg_linprobe_m3ae.py")
+  assert optim.peak_learning_rate(probe) == pytest.approx(0.1) and probe.batch_size == 2048
+  assert (probe.opt_type, probe.opt.momentum, probe.opt.weight_decay) == ("sgd", 0.9, 0.0)
+  tune = config_lib.load_config("configs/cfg_finetune_m3ae.py")
+  assert optim.peak_learning_rate(tune) == pytest.approx(1e-3) and tune.batch_size == 1024
+  assert tune.classifier.layer_decay == 0.60
+  for size in ("small", "large"):
+    width = cfg_m3ae_base.M3AE_SIZES[size]["width"]
+    config = config_lib.load_config(f"configs/cfg_m3ae_{size}.py")
+    assert config.model.model_img.hidden_size == width

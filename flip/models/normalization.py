@@ -36,6 +36,6 @@ def pixel_stats(config: Any) -> PixelStats:
 
 
 def with_pixel_stats(img_kwargs: Mapping[str, Any], config: Any) -> Dict[str, Any]:
-  """Image-encoder fields (`flip.models.vit.vit_kwargs_from_config`) with the config's statistics."""
+  """Image-encoder fields (flip.models.vit.vit_kwargs_from_config) with the config's statistics."""
   mean, std = pixel_stats(config)
   return {**img_kwargs, "pixel_mean": mean, "pixel_std": std}
