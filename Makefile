@@ -11,9 +11,10 @@ STAMP := $(VENV)/.flip-installed
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_DATA ?= data/demo
 DEMO_WORKDIR ?= workdirs/demo
+DEMO_M3AE_DATA ?= data/demo-m3ae
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo demo-mae bench clean distclean fashion-mnist
+.PHONY: install test test-slow demo demo-mae demo-m3ae bench clean distclean fashion-mnist
 
 install: $(STAMP)
 
@@ -91,6 +92,39 @@ demo-mae: install fashion-mnist
 	@grep -h "mae/heldout_loss" $(DEMO_WORKDIR)-mae/visualize.log
 	@echo "linear probe: $$(grep -h 'eval at step' $(DEMO_WORKDIR)-mae/linprobe.log | tail -1)"
 	@echo "fine-tuning:  $$(grep -h 'eval at step' $(DEMO_WORKDIR)-mae/finetune.log | tail -1)"
+
+# The M3AE demo (docs/M3AE.md): the demo set written as HDF5 (paired images + captions, and a
+# text-only file), M3AE pretraining on both, a linear probe of its frozen encoder, and for
+# comparison the same probe of the MAE demo's encoder (pretrained here too) and of a random
+# encoder, in $(DEMO_WORKDIR)-m3ae. Every stage's output is kept in <stage>.log.
+M3AE_WD = $(DEMO_WORKDIR)-m3ae
+demo-m3ae: install fashion-mnist
+	$(PY) -m flip.data.demo --fashion_mnist_dir=$(FASHION_MNIST) --out_dir=$(DEMO_DATA)
+	$(PY) -m flip.data.demo_hdf5 --fashion_mnist_dir=$(FASHION_MNIST) --out_dir=$(DEMO_M3AE_DATA)
+	rm -rf $(M3AE_WD) && mkdir -p $(M3AE_WD) && date +%s > $(M3AE_WD)/start_time
+	@echo "== M3AE pretraining (image and text masks 0.75; paired + text-only HDF5)"
+	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/m3ae --config=configs/cfg_m3ae_demo.py \
+	  --config.data.train=$(DEMO_M3AE_DATA)/paired.h5 \
+	  --config.data.text_only=$(DEMO_M3AE_DATA)/text.h5 2>&1 | tee $(M3AE_WD)/m3ae.log
+	@echo "== linear probe of the frozen M3AE encoder"
+	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/linprobe-m3ae \
+	  --config=configs/cfg_linprobe_demo.py --config.pretrain_dir=$(M3AE_WD)/m3ae \
+	  2>&1 | tee $(M3AE_WD)/linprobe-m3ae.log
+	@echo "== MAE pretraining (the MAE demo's) and the same probe"
+	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/mae --config=configs/cfg_mae_demo.py \
+	  2>&1 | tee $(M3AE_WD)/mae.log
+	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/linprobe-mae \
+	  --config=configs/cfg_linprobe_demo.py --config.pretrain_dir=$(M3AE_WD)/mae \
+	  2>&1 | tee $(M3AE_WD)/linprobe-mae.log
+	@echo "== the same probe of a random encoder"
+	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/linprobe-random \
+	  --config=configs/cfg_linprobe_demo.py 2>&1 | tee $(M3AE_WD)/linprobe-random.log
+	@echo "== M3AE demo results ($$(( $$(date +%s) - $$(cat $(M3AE_WD)/start_time) )) s)"
+	@echo "M3AE pretraining: $$(grep -h '^step ' $(M3AE_WD)/m3ae.log | tail -1)"
+	@echo "M3AE reconstruction: $$(grep -h 'eval at step' $(M3AE_WD)/m3ae.log | tail -1)"
+	@echo "linear probe, M3AE encoder:  $$(grep -h 'eval at step' $(M3AE_WD)/linprobe-m3ae.log | tail -1)"
+	@echo "linear probe, MAE encoder:   $$(grep -h 'eval at step' $(M3AE_WD)/linprobe-mae.log | tail -1)"
+	@echo "linear probe, random encoder: $$(grep -h 'eval at step' $(M3AE_WD)/linprobe-random.log | tail -1)"
 
 bench: install
 	$(PY) bench/run_all.py
