@@ -135,18 +135,8 @@ def make_example_dataset(config: ml_collections.ConfigDict, shard_index: int, nu
   shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
   common = dict(sequence_length=sequence_length, split=TRAIN_SPLIT, shuffle=shuffle, seed=seed,
                 shard_info=shard_info, num_epochs=1)
-  if len(names) == 1:
-    ds = seqio.get_mixture_or_task(names[0]).get_dataset(**common)
-  else:
-    mixture_name = "flip_laion_mix_" + "_".join(n.rsplit("_", 1)[-1] for n in names)
-    if mixture_name in seqio.MixtureRegistry.names():
-      seqio.MixtureRegistry.remove(mixture_name)
-    seqio.MixtureRegistry.add_provider(mixture_name, seqio.Mixture(
-        mixture_name, list(zip(names, rates))))
-    ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
-        **common, passthrough_features=list(PASSTHROUGH_FEATURES))
-
-  ds = laion_preprocessors.sum_over_sources(ds, len(names))
+  ds = laion_preprocessors.task_or_mixture_dataset("flip_laion_mix", names, rates,
+                                                   PASSTHROUGH_FEATURES, **common)
   return ds.with_options(checkpointable.options())
 
 

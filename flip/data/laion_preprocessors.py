@@ -14,6 +14,8 @@ Decoding, random crop, flip and resize are `flip.data.transforms`, in a parallel
 map; captions are tokenized (`flip.data.text`) TOKENIZE_BATCH per call.
 """
 
+from typing import Sequence
+
 import ml_collections
 import seqio
 import tensorflow as tf
@@ -123,3 +125,20 @@ def sum_over_sources(dataset: tf.data.Dataset, num_sources: int) -> tf.data.Data
     return state, dict(out, skipped=tf.reduce_sum(state, axis=0))
 
   return dataset.scan(tf.zeros([num_sources, NUM_REASONS], tf.int64), graph(total_counts))
+
+
+def task_or_mixture_dataset(prefix: str, names: Sequence[str], rates: Sequence[float],
+                            passthrough_features: Sequence[str], **get_dataset_kwargs):
+  """The dataset of one registered seqio task, or of a Mixture of several at `rates` (registered
+  afresh as `<prefix>_<suffixes>`), with the skip counts summed over the sources."""
+  if len(names) == 1:
+    ds = seqio.get_mixture_or_task(names[0]).get_dataset(**get_dataset_kwargs)
+  else:
+    mixture_name = prefix + "_" + "_".join(n.rsplit("_", 1)[-1] for n in names)
+    if mixture_name in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.remove(mixture_name)
+    seqio.MixtureRegistry.add_provider(mixture_name, seqio.Mixture(
+        mixture_name, list(zip(names, rates))))
+    ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
+        **get_dataset_kwargs, passthrough_features=list(passthrough_features))
+  return sum_over_sources(ds, len(names))

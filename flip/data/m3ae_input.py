@@ -168,17 +168,8 @@ def make_example_dataset(config: ml_collections.ConfigDict, shard_index: int, nu
   names, rates = _register(config, shard_index, num_shards, seed, num_epochs, shuffle)
   common = dict(sequence_length={"text": text_length(config)}, split=SPLIT, shuffle=False,
                 seed=seed, num_epochs=1)
-  if len(names) == 1:
-    ds = seqio.get_mixture_or_task(names[0]).get_dataset(**common)
-  else:
-    mixture_name = "flip_m3ae_mix_" + "_".join(n.rsplit("_", 1)[-1] for n in names)
-    if mixture_name in seqio.MixtureRegistry.names():
-      seqio.MixtureRegistry.remove(mixture_name)
-    seqio.MixtureRegistry.add_provider(mixture_name, seqio.Mixture(
-        mixture_name, list(zip(names, rates))))
-    ds = seqio.get_mixture_or_task(mixture_name).get_dataset(
-        **common, passthrough_features=list(PASSTHROUGH_FEATURES))
-  ds = laion_preprocessors.sum_over_sources(ds, len(names))
+  ds = laion_preprocessors.task_or_mixture_dataset("flip_m3ae_mix", names, rates,
+                                                   PASSTHROUGH_FEATURES, **common)
   return ds.with_options(checkpointable.options())
 
 
