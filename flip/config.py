@@ -221,6 +221,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if ratio is not _MISSING and not 0.0 <= ratio < 1.0:
     raise ConfigError(f"config.model.model_img.mask_ratio must be in [0, 1), got {ratio!r}")
   _validate_towers(config)
+  flatten = _get(config, "opt.flatten_params")
+  partitions = _get(config, "partitioning.num_partitions")
+  if flatten is True and partitions is not _MISSING and partitions > 1:
+    raise ConfigError("config.opt.flatten_params=True keeps Adam's moments of 2-D parameters as "
+                      "[rows * cols, 1] columns, which have no axis to shard over model: it needs "
+                      f"config.partitioning.num_partitions=1, got {partitions}")
   if config.batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by "
                       f"config.grad_accum_steps {config.grad_accum_steps}")

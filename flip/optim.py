@@ -49,7 +49,8 @@ moments of every 2-D parameter are kept as [rows * cols, 1] columns instead of t
 shape. The updates are the same numbers (the moments are reshaped around the same arithmetic);
 what changes is the optimizer state's layout, so `partition_states` can shard those moments over
 `data` along the flattened axis, which divides evenly by far more device counts than a kernel's
-rows do. Unlike FLIP's version, config.opt_mu_dtype is still honoured for the first moment.
+rows do. Unlike FLIP's version, config.opt_mu_dtype is still honoured for the first moment. The
+columns have no axis to shard over `model`, so flip.config refuses it with num_partitions > 1.
 
 Layer-wise lr decay: `layer_decay_multipliers` gives every parameter decay ** (num_layers + 1 -
 layer_id) and `scale_updates_per_param` (appended after the lr, so it scales the decoupled weight

@@ -315,3 +315,10 @@ def test_old_evaluation_keys_are_gone_and_their_values_live_in_entries():
   mae_demo = config_lib.load_config("configs/cfg_mae_demo.py")
   assert mae_demo.evals.reconstruction.dataset == mae_demo.data.train == "demo:data/demo"
   assert mae_demo.evals.reconstruction.num_images == 8
+
+
+def test_flatten_params_is_refused_with_model_parallelism():
+  message = validation_error(load(LARGE, ["opt.flatten_params=True",
+                                          "partitioning.num_partitions=2"]))
+  assert "config.opt.flatten_params" in message and "num_partitions" in message
+  config_lib.validate_config(load("configs/cfg_flip_huge14.py"))  # FLIP's own H/14 use is fine
