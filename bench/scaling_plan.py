@@ -14,9 +14,10 @@ An analytic model of one data-parallel (x model-parallel) train step per device:
   H heads; float32 unless `--dtype_bytes`), by remat policy:
     none:  ACT_NONE = 8 TD + 2 TM + 2 H T^2  (LayerNorm inputs/outputs, q, k, v, attention output,
            residual, MLP pre/post activation, attention logits and probabilities)
-    actcp: ACT_ACTCP = 6 TD + TM per block (outputs of the weight matmuls and the block input) plus
-           one block's `none` activations while it is recomputed
-    full:  TD per block (the block input) plus one block's `none` activations;
+    minimal: 6 TD + TM per block (outputs of the weight matmuls and the block input) plus one
+           block's `none` activations while it is recomputed
+    actcp, full (FLIP: every name but none/minimal): TD per block (the block input) plus one
+           block's `none` activations;
 - the loss: LOSS_COPIES float32 [b, B] blocks of the logits matrix (logits, softmax, gradient).
 XLA's buffer reuse and fusion make the real numbers differ; the script checks the model against
 XLA's compiled memory analysis of the real step at small scale (bench/memory.py, goal: within
@@ -76,11 +77,9 @@ def block_activations(t: Tower, policy: str) -> int:
   full_block = 8 * td + 2 * tm + 2 * att
   if policy == "none":
     return t.depth * full_block
-  if policy == "actcp":
+  if policy == "minimal":
     return t.depth * (6 * td + tm) + full_block
-  if policy == "full":
-    return t.depth * td + full_block
-  raise ValueError(f"unknown remat policy {policy!r}")
+  return t.depth * td + full_block  # FLIP: any other name (actcp, full) is full remat
 
 
 _PARAM_COUNTS = {}
@@ -171,7 +170,7 @@ def plan(args) -> list:
     step = flops.train_step_flops(flops.dims_from_config(config), args.batch_size,
                                   args.mask_ratio)
     for devices in args.devices:
-      for remat, ps in (("none", False), ("none", True), ("actcp", True), ("full", True)):
+      for remat, ps in (("none", False), ("none", True), ("minimal", True), ("actcp", True)):
         p = predict(config, devices, args.model_parallel, remat, ps, args.dtype_bytes)
         rows.append((name, devices, remat, ps, p))
         print(f"{name:<16} {devices:>7} {remat:<6} {str(ps):<8} {p['params'] / GIB:>7.2f} "

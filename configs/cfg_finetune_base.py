@@ -7,7 +7,9 @@ loaded; the head starts fresh). Layer-wise lr decay 0.65, drop path 0.1, label s
 mixup 0.8 / cutmix 1.0, RandAugment m9 mstd0.5, random erasing 0.25, AdamW (0.9, 0.999), wd 0.05,
 base lr 5e-4 per 256 at batch 1024, 100 epochs with 5 of warmup, the average of the patch tokens
 as the feature (MAE's global pool). ViT-L/H: `cfg_finetune_large.py`, `cfg_finetune_huge14.py`.
-A FLIP image tower has no class token: add `--config.model.model_img.use_cls_token=False`.
+A FLIP image tower has separate q/k/v and tanh GELU: add
+`--config.model.model_img.transformer.qkv_layout=separate`
+`--config.model.model_img.transformer.gelu=tanh`.
 """
 
 import ml_collections

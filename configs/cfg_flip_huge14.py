@@ -11,5 +11,6 @@ def get_config(arg=None):
   default.set_img_tower(config, patch=14, width=1280, depth=32, heads=16)  # FLIP huge
   default.set_txt_tower(config, width=1024, depth=24, heads=16)  # FLIP huge
   config.model.clr.proj_dim_out = 1024  # FLIP huge
+  config.opt.flatten_params = True  # FLIP huge
   config.partitioning.partition_states = True  # FLIP: saves memory
   return default.apply_arg(config, arg)

@@ -5,8 +5,10 @@
 `config.pretrain_dir` is an MAE, FLIP or other run of this project: its `img_encoder` parameters
 are loaded, frozen, and a BatchNorm without affine parameters plus a linear head are trained with
 LARS. The encoder keys must describe the checkpoint's encoder: MAE's has a class token (probed, as
-in MAE); a FLIP image tower has none, so probe it with
-`--config.model.model_img.use_cls_token=False --config.model.model_img.pool=avg`.
+in MAE) and a fused q/k/v; a FLIP image tower has separate q/k/v and tanh GELU, so probe it with
+`--config.model.model_img.transformer.qkv_layout=separate
+--config.model.model_img.transformer.gelu=tanh --config.model.model_img.pool=avg_all` (FLIP's
+feature: the average of all tokens).
 `cfg_linprobe_large.py` / `cfg_linprobe_huge14.py` change only the encoder size.
 """
 

@@ -56,6 +56,8 @@ def image_family_config(size: str = "base") -> ml_collections.ConfigDict:
                         heads=vit["heads"])
   config.model.model_img.use_cls_token = True  # MAE's ViT has a class token
   config.model.model_img.pool = "cls"
+  config.model.model_img.transformer.qkv_layout = "fused"  # ours (MAE's PyTorch ViT fuses qkv)
+  config.model.model_img.transformer.gelu = "exact"  # MAE (PyTorch nn.GELU)
   config.model.model_img.mask_ratio = 0.0
   config.aug.eval_crop_fraction = 0.875  # MAE evaluation: resize 256, centre crop 224
   return config

@@ -33,7 +33,8 @@ def get_config(arg=None):
 
   # Schedule (virtual epochs of samples_per_epoch).
   config.learning_rate = 4e-6  # base lr per 256 samples (FLIP)
-  # DESIGN.md/FLIP paper: 40; the released configs/default.py has 20.0 (overridden to 200 for H/14).
+  # FLIP: the released configs/default.py (facebookresearch/flip at its public release) has 40.0
+  # (20.0 in earlier development commits; 20 is what the README's unmasked-tuning line sets).
   config.warmup_epochs = 40.0
   config.min_abs_lr = 0.0  # FLIP
   config.warmup_abs_lr = 0.0  # FLIP
@@ -50,6 +51,9 @@ def get_config(arg=None):
   config.opt.weight_decay = 0.2
   config.opt.momentum = 0.9  # ours: sgd/lars only
   config.opt.clip_grad = 0.0  # ours: global-norm clipping, 0 = off
+  # FLIP (t5x/FLIP's adamw): keep Adam's moments of 2-D parameters as [rows * cols, 1] columns
+  # (a state layout for sharding over data; the same updates). H/14 configs set True.
+  config.opt.flatten_params = False
   # ours: what exclude_wd excludes (whole path components; "*_bias" = the fused attention biases)
   config.opt.no_decay_names = ("bias", "*_bias", "scale", "pos_embedding", "cls", "logit_scale",
                                "logit_bias", "mask_token")
@@ -141,8 +145,10 @@ def get_config_img():
   config.sincos = True
   config.patches = ml_collections.ConfigDict({"size": (16, 16)})
   config.hidden_size = 1024
-  config.use_cls_token = False  # ours: FLIP has none; open_clip-style models do
-  config.pool = "avg"  # FLIP: average of the encoded tokens (avg | cls)
+  config.use_cls_token = True  # FLIP: a class token, with no position embedding
+  # FLIP: the average of all encoded tokens, class token included (avg_all | avg = patch tokens
+  # only | cls)
+  config.pool = "avg_all"
   config.layernorm_epsilon = 1e-6  # JAX ViT
   config.transformer = ml_collections.ConfigDict()
   config.transformer.mlp_dim = 4096
@@ -151,8 +157,12 @@ def get_config_img():
   config.transformer.attention_dropout_rate = 0.0
   config.transformer.dropout_rate = 0.0
   config.transformer.droppath_rate = 0.0
-  config.transformer.remat_policy = "none"  # none | full | actcp
-  config.transformer.gelu = "exact"  # exact (erf) | tanh
+  # FLIP's names: none | minimal (save dots without batch dims) | any other (actcp, full) = full
+  # per-block remat
+  config.transformer.remat_policy = "none"
+  # FLIP: flax's nn.gelu, whose default is the tanh approximation (tanh | exact = erf)
+  config.transformer.gelu = "tanh"
+  config.transformer.qkv_layout = "separate"  # FLIP: separate q/k/v (separate | fused = ours)
   return config
 
 
@@ -162,6 +172,7 @@ def get_config_txt():
   config.vocab_size = 30523  # FLIP: BERT uncased 30522 + 1
   config.hidden_size = 768
   config.pool = "first"  # FLIP: first token (first | avg)
+  config.pad_mask = False  # FLIP: no attention mask in the text tower (True = ours: mask padding)
   config.layernorm_epsilon = 1e-6
   config.transformer = ml_collections.ConfigDict()
   config.transformer.mlp_dim = 3072
@@ -171,7 +182,8 @@ def get_config_txt():
   config.transformer.dropout_rate = 0.0
   config.transformer.droppath_rate = 0.0
   config.transformer.remat_policy = "none"
-  config.transformer.gelu = "exact"
+  config.transformer.gelu = "tanh"  # FLIP (flax's nn.gelu default)
+  config.transformer.qkv_layout = "separate"  # FLIP
   return config
 
 

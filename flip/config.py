@@ -171,13 +171,15 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "aug.txt.tokenizer": ("tf_bert", "sentencepiece", "byte"),
     "model.clr.loss": ("softmax", "sigmoid"),
-    "model.model_img.pool": ("avg", "cls"),
-    "model.model_img.transformer.remat_policy": ("none", "full", "actcp"),
+    "model.model_img.pool": ("avg", "avg_all", "cls"),
     "model.model_img.transformer.gelu": ("exact", "tanh"),
+    "model.model_img.transformer.qkv_layout": ("separate", "fused"),
     "model.model_txt.pool": ("first", "avg"),
-    "model.model_txt.transformer.remat_policy": ("none", "full", "actcp"),
     "model.model_txt.transformer.gelu": ("exact", "tanh"),
+    "model.model_txt.transformer.qkv_layout": ("separate", "fused"),
 }
+# remat_policy takes any name, as in FLIP: "none", "minimal", and every other name = full remat.
+_NAMES = ("model.model_img.transformer.remat_policy", "model.model_txt.transformer.remat_policy")
 _POSITIVE = ("batch_size", "image_size", "samples_per_epoch", "num_epochs", "log_every_steps",
              "grad_accum_steps", "keep_checkpoints", "aug.txt.max_len", "model.clr.proj_dim_out",
              "partitioning.num_partitions")
@@ -210,6 +212,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = _get(config, key)
     if value is not _MISSING and value not in choices:
       raise ConfigError(f"config.{key} must be one of {choices}, got {value!r}")
+  for key in _NAMES:
+    value = _get(config, key)
+    if value is not _MISSING and (not isinstance(value, str) or not value):
+      raise ConfigError(f"config.{key} must be a policy name (none | minimal | any other name = "
+                        f"full remat), got {value!r}")
   for key in _POSITIVE:
     value = _get(config, key)
     if value is not _MISSING and not value > 0:
@@ -226,6 +233,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if ratio is not _MISSING and not 0.0 <= ratio < 1.0:
     raise ConfigError(f"config.model.model_img.mask_ratio must be in [0, 1), got {ratio!r}")
   _validate_towers(config)
+  flatten = _get(config, "opt.flatten_params")
+  partitions = _get(config, "partitioning.num_partitions")
+  if flatten is True and partitions is not _MISSING and partitions > 1:
+    raise ConfigError("config.opt.flatten_params=True keeps Adam's moments of 2-D parameters as "
+                      "[rows * cols, 1] columns, which have no axis to shard over model: it needs "
+                      f"config.partitioning.num_partitions=1, got {partitions}")
   if config.batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.batch_size {config.batch_size} is not divisible by "
                       f"config.grad_accum_steps {config.grad_accum_steps}")

@@ -44,6 +44,14 @@ and "bias". config.exclude_wd=False decays every parameter. For SGD the decay is
 coupled L2 term added to the gradient before momentum; for LARS it is coupled too, and the same mask
 also exempts those parameters from the trust ratio (as in MAE's linear probe).
 
+`opt.flatten_params` (FLIP's AdamW option, set by its H/14 configs): Adam's first and second
+moments of every 2-D parameter are kept as [rows * cols, 1] columns instead of the parameter's
+shape. The updates are the same numbers (the moments are reshaped around the same arithmetic);
+what changes is the optimizer state's layout, so `partition_states` can shard those moments over
+`data` along the flattened axis, which divides evenly by far more device counts than a kernel's
+rows do. Unlike FLIP's version, config.opt_mu_dtype is still honoured for the first moment. The
+columns have no axis to shard over `model`, so flip.config refuses it with num_partitions > 1.
+
 Layer-wise lr decay: `layer_decay_multipliers` gives every parameter decay ** (num_layers + 1 -
 layer_id) and `scale_updates_per_param` (appended after the lr, so it scales the decoupled weight
 decay too, like a per-group lr in PyTorch) applies them.
@@ -281,6 +289,27 @@ def _mu_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
     raise ValueError(f"config.opt_mu_dtype={name!r} is not a dtype name") from error
 
 
+def flatten_2d(tree: PyTree) -> PyTree:
+  """Every 2-D leaf reshaped to a [rows * cols, 1] column; other leaves unchanged."""
+  return jax.tree_util.tree_map(lambda x: x.reshape(-1, 1) if x.ndim == 2 else x, tree)
+
+
+def with_flattened_2d_params(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` run on the flattened view (`flatten_2d`) of the params and updates; the updates it
+  returns get their parameters' shapes back, its state keeps the flattened shapes."""
+
+  def init_fn(params):
+    return inner.init(flatten_2d(params))
+
+  def update_fn(updates, state, params=None):
+    flat_params = None if params is None else flatten_2d(params)
+    new_updates, new_state = inner.update(flatten_2d(updates), state, flat_params)
+    shaped = jax.tree_util.tree_map(lambda u, g: u.reshape(g.shape), new_updates, updates)
+    return shaped, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, start_step: int = 0, start_epoch: float = 0.0,
                    *, lr_multipliers: Union[PyTree, Callable[[PyTree], PyTree], None] = None
                    ) -> optax.GradientTransformation:
@@ -303,14 +332,20 @@ def make_optimizer(config: ml_collections.ConfigDict, start_step: int = 0, start
     return weight_decay_mask(params, excluded)
 
   mu_dtype = _mu_dtype(config)
+  flatten_params = bool(_optional(config, "opt.flatten_params", False))
+  if flatten_params and opt_type != OPT_ADAMW:
+    raise ValueError(f"config.opt.flatten_params=True is FLIP's AdamW option; opt_type is "
+                     f"{opt_type!r}")
   if opt_type == OPT_ADAMW:
-    optimizer = optax.adamw(learning_rate=schedule,
-                            b1=float(_require(config, "opt.b1")),
-                            b2=float(_require(config, "opt.b2")),
-                            eps=ADAMW_EPS,
-                            mu_dtype=mu_dtype,
-                            weight_decay=weight_decay,
-                            mask=decay_mask)
+    # optax.adamw's three steps, so the moments can live in the flattened layout.
+    scale_by_adam = optax.scale_by_adam(b1=float(_require(config, "opt.b1")),
+                                        b2=float(_require(config, "opt.b2")),
+                                        eps=ADAMW_EPS, mu_dtype=mu_dtype)
+    if flatten_params:
+      scale_by_adam = with_flattened_2d_params(scale_by_adam)
+    optimizer = optax.chain(scale_by_adam,
+                            optax.add_decayed_weights(weight_decay, decay_mask),
+                            optax.scale_by_learning_rate(schedule))
   else:
     momentum = float(_optional(config, "opt.momentum", DEFAULT_MOMENTUM))
     coupled_decay = optax.add_decayed_weights(weight_decay, mask=decay_mask)

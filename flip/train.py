@@ -131,6 +131,12 @@ class TrainingRun:
     self.partitioner = builders.checked_partitioner(config, config.batch_size)
     self.layout = self.partitioner.get_data_layout(config.batch_size)
     self.plan = restore_plan.plan_restore(config, workdir, self.layout)
+    self.last_step = last_step(config, self.plan.progress)
+    problem = restore_plan.start_problem(config, self.plan, self.last_step)
+    if problem is not None and problem.refuse:
+      raise config_lib.ConfigError(problem.message)
+    if problem is not None:
+      logging.warning(problem.message)
     make_dataset = make_dataset or self.task.train_dataset
     try:
       self.dataset = make_dataset(config, self.layout.shard_id, self.layout.num_shards,
@@ -153,7 +159,6 @@ class TrainingRun:
         params_axes=flax.core.unfreeze(self.trainer.state_axes.params),
         mutables_axes=flax.core.unfreeze(self.trainer.state_axes.flax_mutables), workdir=workdir,
         writer=self.writer))
-    self.last_step = last_step(config, self.plan.progress)
 
   # --- start ----------------------------------------------------------------------------------
   def initial_state(self, data_iter):

@@ -154,8 +154,10 @@ def test_scaling_plan_without_the_check(capsys):
   large = rows[("cfg_flip_large", "none", False)]
   # partition_states divides the Adam moments of the matrices over 256 data shards.
   assert rows[("cfg_flip_large", "none", True)]["adam"] < large["adam"] / 100
-  # remat full keeps far fewer activations than none.
-  assert rows[("cfg_flip_large", "full", True)]["activations"] < large["activations"] / 5
+  # actcp (FLIP: full remat) keeps far fewer activations than none, and fewer than minimal.
+  actcp = rows[("cfg_flip_large", "actcp", True)]["activations"]
+  assert actcp < large["activations"] / 5
+  assert actcp < rows[("cfg_flip_large", "minimal", True)]["activations"] / 2
   assert "cfg_flip_huge14" in capsys.readouterr().out
 
 

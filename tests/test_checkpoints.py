@@ -13,6 +13,7 @@ import json
 import pathlib
 import shutil
 from typing import Any, Dict
+from unittest import mock
 
 import flax
 import jax
@@ -22,7 +23,9 @@ from t5x import checkpoints as t5x_checkpoints
 
 import train_utils
 from flip import checkpoints
+from flip import config as config_lib
 from flip import optim
+from flip import restore_plan
 from flip.tasks import contrastive
 from flip import train
 
@@ -174,7 +177,7 @@ def test_a_workdir_with_only_step_0_is_restored_by_path(runs, tmp_path):
   state = trainer.init_state()
   # Mark the saved state so restoring it is distinguishable from a fresh init: logit scale 20.
   params = flax.core.unfreeze(state.params)
-  marked_log_scale = np.float32(np.log(20.0))
+  marked_log_scale = np.full((1,), np.log(20.0), np.float32)  # FLIP's layout: shape (1,)
   params["logit_scale"] = jax.device_put(marked_log_scale, params["logit_scale"].sharding)
   state = state.replace_params(flax.core.freeze(params))
   saved_params = train_utils.flat_tree(state.params)
@@ -188,7 +191,7 @@ def test_a_workdir_with_only_step_0_is_restored_by_path(runs, tmp_path):
   out = train.train_and_evaluate(config, workdir, make_dataset=train_utils.make_dataset)
   assert out["step"] == 1 and int(out["state"].step) == 1
   logged_scale = train_utils.logged_scalars(workdir, "logit_scale")
-  assert logged_scale == {1: pytest.approx(float(np.exp(marked_log_scale)), rel=1e-6)}
+  assert logged_scale == {1: pytest.approx(float(np.exp(marked_log_scale[0])), rel=1e-6)}
   # Step 1 runs at warmup_abs_lr = 0, so the restored parameters come out unchanged.
   assert config.warmup_abs_lr == 0.0
   assert train_utils.unequal_leaves(train_utils.flat_tree(out["state"].params), saved_params) == []
@@ -345,3 +348,46 @@ def test_check_finite_refuses_a_tree_with_nan_or_inf_naming_the_leaf():
       checkpoints.check_finite(bad, "step 7")
   with pytest.raises(FloatingPointError):
     checkpoints.check_finite(jax.numpy.array([1.0, jax.numpy.nan]), "step 1")
+
+
+# --- FLIP's unmasked-tuning line as a shell runs it (no pretrain_dir) -----------------------------
+
+# FLIP's README line up to its missing line continuation: mask ratio 0 and a lower lr only.
+README_TUNING = ("model.model_img.mask_ratio=0.0", "learning_rate=4e-8")
+
+
+def test_tuning_line_in_the_finished_pretraining_workdir_is_refused_before_compute(runs):
+  """Resuming a finished masked run with mask_ratio=0 would train nothing: refused in one line."""
+  config = train_utils.tiny_config(*CHECKPOINT_SETTINGS, *README_TUNING)
+  assert config.model.model_img.mask_ratio == 0.0 and not config.pretrain_dir
+  with pytest.raises(config_lib.ConfigError) as info:
+    train.TrainingRun(config, runs.uninterrupted_dir, make_dataset=train_utils.make_dataset)
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith("nothing to train: the checkpoint of step 10")
+  assert "mask_ratio=0.5, not 0" in message and "--config.pretrain_dir=" in message
+  # Nothing was written: the workdir still ends at the same checkpoint.
+  assert checkpoints.latest_complete_step(runs.uninterrupted_dir) == TOTAL_STEPS
+
+
+def test_tuning_line_in_a_fresh_workdir_warns_once_before_compute(tmp_path):
+  config = train_utils.tiny_config(*README_TUNING)
+  with mock.patch.object(train.logging, "warning") as warning:
+    run = train.TrainingRun(config, str(tmp_path), make_dataset=train_utils.make_dataset)
+  assert run.plan.fresh
+  lines = [call.args[0] for call in warning.call_args_list if "pretrain_dir" in call.args[0]]
+  assert len(lines) == 1 and "\n" not in lines[0], lines
+  assert lines[0].startswith("training from scratch with model_img.mask_ratio=0")
+  # With pretrain_dir, or masked, there is nothing to say.
+  problem = restore_plan.start_problem(train_utils.tiny_config(), run.plan, run.last_step)
+  assert problem is None
+
+
+def test_a_finished_run_restarted_with_its_own_config_only_warns(runs):
+  config = train_utils.tiny_config(*CHECKPOINT_SETTINGS)
+  layout = mock.Mock(shard_id=0, num_shards=1)
+  plan = restore_plan.plan_restore(config, runs.uninterrupted_dir, layout)
+  assert plan.saved_mask_ratio == config.model.model_img.mask_ratio == 0.5
+  problem = restore_plan.start_problem(config, plan, train.last_step(config, plan.progress))
+  assert problem is not None and not problem.refuse
+  assert problem.message.startswith("nothing to train") and "--config.num_epochs" in problem.message

@@ -160,10 +160,11 @@ def test_every_shipped_config_validates(path, arg):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("model.model_img.transformer.remat_policy=partial",
-     "config.model.model_img.transformer.remat_policy"),
-    ("model.model_txt.transformer.remat_policy=all",
-     "config.model.model_txt.transformer.remat_policy"),
+    ("model.model_img.transformer.qkv_layout=joint",
+     "config.model.model_img.transformer.qkv_layout"),
+    ("model.model_txt.transformer.qkv_layout=stacked",
+     "config.model.model_txt.transformer.qkv_layout"),
+    ("model.model_img.pool=max", "config.model.model_img.pool"),
     ("model.model_img.mask_ratio=1.0", "config.model.model_img.mask_ratio"),
     ("model.model_img.mask_ratio=-0.25", "config.model.model_img.mask_ratio"),
     ("image_size=225", "config.image_size"),
@@ -188,8 +189,21 @@ def test_validate_config_refuses_batch_not_divisible_by_accumulation():
 
 
 def test_validate_config_refuses_cls_pool_without_cls_token():
-  message = validation_error(load(LARGE, ["model.model_img.pool=cls"]))
+  message = validation_error(load(LARGE, ["model.model_img.pool=cls",
+                                          "model.model_img.use_cls_token=False"]))
   assert "config.model.model_img.use_cls_token" in message
+
+
+@pytest.mark.parametrize("name", ["none", "minimal", "full", "actcp", "anything"])
+def test_remat_policy_accepts_every_name_as_flip_does(name):
+  config = load(LARGE, [f"model.model_img.transformer.remat_policy={name}",
+                        f"model.model_txt.transformer.remat_policy={name}"])
+  config_lib.validate_config(config)
+
+
+def test_remat_policy_refuses_an_empty_name():
+  message = validation_error(load(LARGE, ["model.model_img.transformer.remat_policy="]))
+  assert "config.model.model_img.transformer.remat_policy" in message
 
 
 # --- the FLIP numbers (DESIGN.md) -----------------------------------------------------------------
@@ -202,7 +216,12 @@ SHARED_FLIP_FACTS = {
     "model.model_txt.vocab_size": 30523, "model.clr.proj_out_bias": False,
     "model.clr.tau_learnable": True, "model.clr.tau_init": 0.07, "model.clr.tau": 0.01,
     "model.clr.max_logit_scale": 100.0, "model.model_img.sincos": True,
-    "model.model_img.pool": "avg", "model.model_txt.pool": "first",
+    "model.model_img.pool": "avg_all", "model.model_txt.pool": "first",
+    "model.model_img.use_cls_token": True, "model.model_txt.pad_mask": False,
+    "model.model_img.transformer.qkv_layout": "separate",
+    "model.model_txt.transformer.qkv_layout": "separate",
+    "model.model_img.transformer.remat_policy": "none",
+    "model.model_img.transformer.gelu": "tanh", "model.model_txt.transformer.gelu": "tanh",
 }
 TOWERS = {  # (img patch, width, depth, heads), (txt width, depth, heads), projection
     "base": ((16, 768, 12, 12), (512, 12, 8), 512),
@@ -239,6 +258,7 @@ def test_flip_config_numbers(name):
   assert config.num_epochs == num_epochs
   assert config.warmup_epochs == warmup_epochs
   assert 0.5 <= img.mask_ratio < 1.0  # FLIP pretrains masked
+  assert config.opt.flatten_params == (towers == "huge")  # FLIP: its H/14 configs only
 
 
 def test_smoke_argument_shrinks_only_sizes():
@@ -295,3 +315,10 @@ def test_old_evaluation_keys_are_gone_and_their_values_live_in_entries():
   mae_demo = config_lib.load_config("configs/cfg_mae_demo.py")
   assert mae_demo.evals.reconstruction.dataset == mae_demo.data.train == "demo:data/demo"
   assert mae_demo.evals.reconstruction.num_images == 8
+
+
+def test_flatten_params_is_refused_with_model_parallelism():
+  message = validation_error(load(LARGE, ["opt.flatten_params=True",
+                                          "partitioning.num_partitions=2"]))
+  assert "config.opt.flatten_params" in message and "num_partitions" in message
+  config_lib.validate_config(load("configs/cfg_flip_huge14.py"))  # FLIP's own H/14 use is fine

@@ -39,7 +39,9 @@ TOWER = ("image_size=16", "model.model_img.patches.size=(8, 8)", "model.model_im
          "model.model_img.transformer.mlp_dim=64", "model.model_img.transformer.num_heads=2",
          "model.model_img.transformer.num_layers=1", "data.train=")
 NO_HELDOUT = "evals.classification.dataset="  # the probe's and fine-tuning's held-out evaluation
-FLIP_TOWER = ("model.model_img.use_cls_token=False", "model.model_img.pool=avg")
+# A FLIP image tower: class token, separate q/k/v, tanh GELU; FLIP's feature averages all tokens.
+FLIP_TOWER = ("model.model_img.transformer.qkv_layout=separate",
+              "model.model_img.transformer.gelu=tanh", "model.model_img.pool=avg_all")
 NUM_CLASSES = 10
 WIDTH = 32
 NUM_PROBE_STEPS = 4
@@ -222,15 +224,20 @@ def test_finetune_and_probe_load_exactly_the_image_tower_of_flip_and_mae_checkpo
     assert set(loaded) == {common.ENCODER}  # the head (and MAE's decoder) stay out
     got = train_utils.flat_tree(loaded[common.ENCODER])
     assert train_utils.unequal_leaves(got, encoder_of(ckpt_dir)) == []
-  mae_encoder = encoder_of(mae_checkpoint)
-  assert "cls" in mae_encoder and "cls" not in encoder_of(flip_checkpoint)
+  mae_encoder, flip_encoder = encoder_of(mae_checkpoint), encoder_of(flip_checkpoint)
+  attention = "Transformer/encoderblock_00/MultiHeadSelfAttention_0"
+  assert "cls" in mae_encoder and "cls" in flip_encoder
+  assert f"{attention}/qkv_kernel" in mae_encoder and f"{attention}/qkv_kernel" not in flip_encoder
+  assert f"{attention}/query/kernel" in flip_encoder
 
 
 def test_a_tower_that_does_not_fit_is_refused_naming_the_keys(flip_checkpoint):
-  # MAE-family configs have a class token; FLIP's tower has none.
+  # MAE-family configs have a fused q/k/v; FLIP's tower has separate ones.
   task = classifier_tasks.FinetuneTask(finetune_config())
   shapes = jax.eval_shape(task.init_variables, jax.random.PRNGKey(0))["params"]
-  with pytest.raises(checkpoints.CheckpointError, match="missing 1 keys .*img_encoder/cls"):
+  with pytest.raises(checkpoints.CheckpointError,
+                     match="missing 4 keys .*MultiHeadSelfAttention_0/out_bias.*unexpected 8 keys "
+                           ".*MultiHeadSelfAttention_0/key/bias"):
     task.load_pretrained_params(flip_checkpoint, shapes)
   wider = classifier_tasks.LinearProbeTask(probe_config(*FLIP_TOWER, "model.model_img.hidden_size=64",
                                                  "model.model_img.transformer.mlp_dim=128"))

@@ -68,8 +68,8 @@ def test_help_prints_the_flags():
 @pytest.mark.parametrize("override, named", [
     ("--config.model.model_img.mask_rato=0.0", "config.model.model_img.mask_rato"),
     ("--config.batch_size=abc", "config.batch_size"),
-    ("--config.model.model_img.transformer.remat_policy=foo",
-     "config.model.model_img.transformer.remat_policy"),
+    ("--config.model.model_img.transformer.qkv_layout=foo",
+     "config.model.model_img.transformer.qkv_layout"),
 ])
 def test_bad_config_is_refused_in_one_line_before_any_work(tmp_path, override, named):
   workdir = tmp_path / "wd"

@@ -272,7 +272,9 @@ def test_weight_decay_mask_on_the_real_flip_model(repo_root):
   weight_leaf_names = {"kernel", "qkv_kernel", "out_kernel", "embedding", "token_embedding"}
   decayed = {path for path, is_decayed in mask.items() if is_decayed}
   assert decayed == {path for path in mask if path.split("/")[-1] in weight_leaf_names}
-  assert any(path.endswith("/qkv_bias") for path in mask)
+  # FLIP's separate q/k/v: their biases and the class token are not decayed.
+  assert any(path.endswith("/query/bias") for path in mask)
+  assert "img_encoder/cls" in mask and "img_encoder/cls" not in decayed
   assert "logit_scale" in mask and "logit_scale" not in decayed
 
 
@@ -545,3 +547,47 @@ def test_t5x_rejects_an_unregistered_state_type():
       t5x_optimizers.OptaxWrapper(optax.adadelta(1.0)), variables)
   with pytest.raises(ValueError, match="unregistered optax state"):
     state.as_logical_axes()
+
+
+# --- opt.flatten_params (FLIP's AdamW option) -----------------------------------------------------
+
+
+def test_flatten_params_keeps_2d_moments_as_columns_with_the_same_updates():
+  """FLIP's flatten_params: Adam's moments of 2-D parameters are [rows * cols, 1] columns; the
+  updates are those of the plain AdamW (reference: optax.adamw with the same schedule and mask)."""
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+                      "bias": jnp.asarray(rng.standard_normal(4), jnp.float32)},
+            "conv": {"kernel": jnp.asarray(rng.standard_normal((2, 2, 3, 4)), jnp.float32)}}
+  fast = dict(learning_rate=0.025, warmup_epochs=0)  # peak lr 0.1: updates far above rounding
+  flat_opt = optim.make_optimizer(make_config(**fast, **{"opt.flatten_params": True}))
+  plain_opt = optim.make_optimizer(make_config(**fast, **{"opt.flatten_params": False}))
+  reference = optax.adamw(optim.step_schedule(make_config(**fast)), b1=0.9, b2=0.95,
+                          eps=optim.ADAMW_EPS, weight_decay=0.2,
+                          mask=lambda p: optim.weight_decay_mask(p, optim.DEFAULT_NO_DECAY_NAMES))
+  states = {name: opt.init(params) for name, opt in
+            (("flat", flat_opt), ("plain", plain_opt), ("reference", reference))}
+  moments = states["flat"][0][0]  # chain(adamw chain(scale_by_adam, ...))
+  assert moments.mu["dense"]["kernel"].shape == (24, 1)
+  assert moments.nu["dense"]["kernel"].shape == (24, 1)
+  assert moments.mu["dense"]["bias"].shape == (4,)
+  assert moments.mu["conv"]["kernel"].shape == (2, 2, 3, 4)
+  current = {name: params for name in states}
+  for step in range(3):
+    grads = jax.tree_util.tree_map(
+        lambda p, s=step: jnp.asarray(np.random.default_rng(s).standard_normal(p.shape),
+                                      jnp.float32), params)
+    for name, opt in (("flat", flat_opt), ("plain", plain_opt), ("reference", reference)):
+      updates, states[name] = opt.update(grads, states[name], current[name])
+      current[name] = optax.apply_updates(current[name], updates)
+  for name in ("flat", "plain"):
+    for got, want in zip(jax.tree_util.tree_leaves(current[name]),
+                         jax.tree_util.tree_leaves(current["reference"])):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+  moved = np.abs(np.asarray(current["flat"]["dense"]["kernel"] - params["dense"]["kernel"]))
+  assert moved.min() > 1e-3
+
+
+def test_flatten_params_is_adamw_only():
+  with pytest.raises(ValueError, match="flatten_params"):
+    optim.make_optimizer(make_config(opt_type="sgd", **{"opt.flatten_params": True}))

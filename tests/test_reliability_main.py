@@ -466,7 +466,9 @@ def skip_counts(workdir) -> Dict[int, Dict[str, int]]:
 
 
 def is_key_bias(name: str) -> bool:
-  return name.startswith("target/") and name.endswith("/qkv_bias")
+  """A fused qkv bias (its key slice) or a separate key bias (FLIP's layout), of the parameters."""
+  return name.startswith("target/") and (name.endswith("/qkv_bias")
+                                         or name.endswith(train_utils.SEPARATE_KEY_BIAS_SUFFIX))
 
 
 def state_differences(a_dir, b_dir) -> Dict[str, float]:
@@ -478,6 +480,9 @@ def state_differences(a_dir, b_dir) -> Dict[str, float]:
   relative, key_bias = 0.0, 0.0
   for name in a:
     x, y = a[name].astype(np.float64), b[name].astype(np.float64)
+    if is_key_bias(name) and name.endswith(train_utils.SEPARATE_KEY_BIAS_SUFFIX):
+      key_bias = max(key_bias, float(np.max(np.abs(x - y))))
+      continue
     if is_key_bias(name):
       key_bias = max(key_bias, float(np.max(np.abs(x - y)[train_utils.KEY_BIAS_INDEX])))
       x, y = (np.delete(v, train_utils.KEY_BIAS_INDEX, axis=0) for v in (x, y))

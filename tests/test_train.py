@@ -83,8 +83,14 @@ def test_grad_accumulation_equals_full_batch(accumulated_grads, k):
 def test_key_bias_gradient_is_rounding_noise(accumulated_grads):
   """Why test_partitioning compares the key bias separately: its gradient is ~0, not just small."""
   _, _, grads = accumulated_grads[1]
-  for key, key_grad in train_utils.key_biases(grads).items():
-    query_and_value = np.delete(grads[key], train_utils.KEY_BIAS_INDEX, axis=0)
+  key_biases = train_utils.key_biases(grads)
+  assert key_biases
+  for key, key_grad in key_biases.items():
+    if key.endswith(train_utils.SEPARATE_KEY_BIAS_SUFFIX):  # FLIP's layout: .../key/bias
+      stem = key[:-len(train_utils.SEPARATE_KEY_BIAS_SUFFIX)]
+      query_and_value = np.stack([grads[f"{stem}/query/bias"], grads[f"{stem}/value/bias"]])
+    else:
+      query_and_value = np.delete(grads[key], train_utils.KEY_BIAS_INDEX, axis=0)
     assert np.max(np.abs(key_grad)) < 1e-6 * np.max(np.abs(query_and_value)), key
 
 
@@ -223,8 +229,10 @@ def test_weight_decay_mask_on_the_real_flip_params_excludes_exactly_these():
   block = "Transformer/encoderblock_00"
   tower_exempt = [f"{block}/LayerNorm_0/scale", f"{block}/LayerNorm_0/bias",
                   f"{block}/LayerNorm_1/scale", f"{block}/LayerNorm_1/bias",
-                  f"{block}/MultiHeadSelfAttention_0/qkv_bias",
-                  f"{block}/MultiHeadSelfAttention_0/out_bias",
+                  f"{block}/MultiHeadSelfAttention_0/query/bias",
+                  f"{block}/MultiHeadSelfAttention_0/key/bias",
+                  f"{block}/MultiHeadSelfAttention_0/value/bias",
+                  f"{block}/MultiHeadSelfAttention_0/out/bias",
                   f"{block}/MlpBlock_0/Dense_0/bias", f"{block}/MlpBlock_0/Dense_1/bias",
                   "Transformer/encoder_norm/scale", "Transformer/encoder_norm/bias"]
   expected = ({f"img_encoder/{k}" for k in tower_exempt} |
@@ -233,16 +241,14 @@ def test_weight_decay_mask_on_the_real_flip_params_excludes_exactly_these():
                "logit_scale"})
   assert not_decayed == expected
   decayed = {k for k, v in train_utils.flat_tree(mask).items() if v}
-  assert decayed == {
-      "img_encoder/embedding/kernel", f"img_encoder/{block}/MultiHeadSelfAttention_0/qkv_kernel",
-      f"img_encoder/{block}/MultiHeadSelfAttention_0/out_kernel",
-      f"img_encoder/{block}/MlpBlock_0/Dense_0/kernel",
-      f"img_encoder/{block}/MlpBlock_0/Dense_1/kernel",
-      "txt_encoder/token_embedding", f"txt_encoder/{block}/MultiHeadSelfAttention_0/qkv_kernel",
-      f"txt_encoder/{block}/MultiHeadSelfAttention_0/out_kernel",
-      f"txt_encoder/{block}/MlpBlock_0/Dense_0/kernel",
-      f"txt_encoder/{block}/MlpBlock_0/Dense_1/kernel",
-      "img_proj/kernel", "txt_proj/kernel"}
+  attention = [f"{block}/MultiHeadSelfAttention_0/{name}/kernel"
+               for name in ("query", "key", "value", "out")]
+  tower_decayed = attention + [f"{block}/MlpBlock_0/Dense_0/kernel",
+                               f"{block}/MlpBlock_0/Dense_1/kernel"]
+  assert decayed == ({f"img_encoder/{k}" for k in tower_decayed} |
+                     {f"txt_encoder/{k}" for k in tower_decayed} |
+                     {"img_encoder/embedding/kernel", "txt_encoder/token_embedding",
+                      "img_proj/kernel", "txt_proj/kernel"})
 
 
 def test_the_optimizer_decays_exactly_the_masked_params():

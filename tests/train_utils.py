@@ -171,14 +171,19 @@ def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Tu
 KEY_BIAS_INDEX = 1
 
 
+SEPARATE_KEY_BIAS_SUFFIX = "/key/bias"  # FLIP's separate q/k/v layout
+
+
 def without_key_bias(flat: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  """`flat` with the key-bias slice removed from every fused qkv bias."""
+  """`flat` without the attention key biases (separate layout) and with the key-bias slice
+  removed from every fused qkv bias."""
   return {k: np.delete(v, KEY_BIAS_INDEX, axis=0) if k.endswith("/qkv_bias") else v
-          for k, v in flat.items()}
+          for k, v in flat.items() if not k.endswith(SEPARATE_KEY_BIAS_SUFFIX)}
 
 
 def key_biases(flat: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  return {k: v[KEY_BIAS_INDEX] for k, v in flat.items() if k.endswith("/qkv_bias")}
+  fused = {k: v[KEY_BIAS_INDEX] for k, v in flat.items() if k.endswith("/qkv_bias")}
+  return {**fused, **{k: v for k, v in flat.items() if k.endswith(SEPARATE_KEY_BIAS_SUFFIX)}}
 
 
 def key_name(key: Any) -> str:

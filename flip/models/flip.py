@@ -4,7 +4,8 @@ Returns L2-normalised image and text embeddings and the log logit scale. The sca
 (`tau_learnable`), initialised to ln(1 / tau_init) and clipped to [0, ln(max_logit_scale)] in the
 forward pass (CLIP's recipe; FLIP's defaults are tau_init 0.07 and max scale 100), or fixed at
 ln(1 / tau). For the sigmoid (SigLIP) loss the scale starts at ln(sigmoid_init_scale) and a learnable
-bias at sigmoid_init_bias. Projections have no bias unless `proj_out_bias`.
+bias at sigmoid_init_bias. Projections have no bias unless `proj_out_bias`. The logit scale is
+stored as FLIP stores it, shape (1,); the forward pass reads it as a scalar.
 """
 
 from typing import Any, Dict, Optional, Tuple
@@ -58,8 +59,8 @@ class FlipModel(nn.Module):
       init_log_scale = None
     if init_log_scale is not None:
       self.logit_scale = layers.param_with_axes(
-          "logit_scale", nn.initializers.constant(init_log_scale), (), jnp.float32, axes=(),
-          module=self)
+          "logit_scale", nn.initializers.constant(init_log_scale), (1,), jnp.float32,
+          axes=("_null0",), module=self)
     if self.loss == "sigmoid":
       self.logit_bias = layers.param_with_axes(
           "logit_bias", nn.initializers.constant(self.sigmoid_init_bias), (), jnp.float32,
@@ -78,7 +79,7 @@ class FlipModel(nn.Module):
 
   def log_logit_scale(self) -> Array:
     if self.loss == "sigmoid" or self.tau_learnable:
-      return jnp.clip(self.logit_scale, 0.0, jnp.log(self.max_logit_scale))
+      return jnp.clip(self.logit_scale[0], 0.0, jnp.log(self.max_logit_scale))
     return jnp.log(1.0 / jnp.asarray(self.tau, jnp.float32))
 
   def embed(self, images: Array, tokens: Array, *, train: bool,

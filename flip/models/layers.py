@@ -15,7 +15,8 @@ standard rules replicate it), `vocab`, `length` (positions), and `_null*` for ax
 sharded (patch-kernel spatial axes, leading singleton axes); names without a rule are replicated.
 
 Decisions where FLIP/ViT are silent or differ between codebases:
-- q, k and v share one fused kernel [embed, 3, heads, kv] (one matmul instead of three);
+- `qkv_layout` (the attention of flip.models.attention): "separate" (FLIP's q/k/v projections)
+  or "fused" (ours: one [embed, 3, heads, kv] kernel); the same function of the same numbers;
 - LayerNorm has a hand-written VJP: the same values, and a backward pass of two row reductions
   instead of what autodiff derives from the forward graph (12 % less CPU time for a
   forward + backward of two blocks in bench/block_variants.py; docs/BENCHMARKS.md). Measured in
@@ -25,9 +26,11 @@ Decisions where FLIP/ViT are silent or differ between codebases:
   assignment makes them the same program);
 - attention logits and softmax are computed in float32 whatever the compute dtype;
 - padding is masked with the most negative finite float (not -inf) so a row can never be all -inf;
-- `remat_policy`: "none" keeps every activation; "full" recomputes a whole block in the backward
-  pass (only block inputs are saved); "actcp" saves the outputs of the weight matmuls (dots without
-  batch dimensions) and recomputes the cheap element-wise work, the attention scores and softmax.
+- `remat_policy`, with FLIP's names and meanings: "none" keeps every activation; "minimal" saves
+  the outputs of the weight matmuls (dots without batch dimensions) and recomputes the rest of a
+  block in the backward pass; any other name ("full", "actcp", ...) is full per-block
+  rematerialisation (only block inputs are saved; jax.checkpoint's policy None), as in FLIP, whose
+  README recommends `actcp` to avoid running out of memory.
 """
 
 import dataclasses
@@ -39,6 +42,11 @@ from flax.linen import partitioning as nn_partitioning
 import jax
 import jax.numpy as jnp
 
+from flip.models.attention import HeadsOutput  # pylint: disable=unused-import (public name)
+from flip.models.attention import HeadsProjection  # pylint: disable=unused-import (public name)
+from flip.models.attention import MultiHeadSelfAttention
+from flip.models.attention import QKV_LAYOUTS
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -46,7 +54,8 @@ Initializer = Callable[..., Array]
 param_with_axes = nn_partitioning.param_with_axes
 with_sharding_constraint = nn_partitioning.with_sharding_constraint
 
-REMAT_POLICIES = ("none", "full", "actcp")
+# The names documented above; FLIP accepts any other name as full remat, and so do we.
+REMAT_POLICIES = ("none", "minimal", "full", "actcp")
 GELU_KINDS = ("exact", "tanh")
 
 default_kernel_init = nn.initializers.xavier_uniform()
@@ -80,12 +89,13 @@ layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def remat_policy_fn(policy: str) -> Optional[Callable[..., bool]]:
-  """The jax checkpoint policy behind a `remat_policy` name ("none" needs no remat at all)."""
-  if policy == "full":
-    return jax.checkpoint_policies.nothing_saveable
-  if policy == "actcp":
+  """The jax checkpoint policy behind a `remat_policy` name other than "none" (FLIP's mapping):
+  "minimal" saves dots without batch dimensions; every other name means full remat (None)."""
+  if not isinstance(policy, str) or not policy or policy == "none":
+    raise ValueError(f"remat_policy {policy!r} names no rematerialisation policy")
+  if policy == "minimal":
     return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
+  return None
 
 
 class LayerNorm(nn.Module):
@@ -122,57 +132,6 @@ class Dense(nn.Module):
                              axes=(self.kernel_axes[-1],))
       y = y + bias.astype(self.dtype)
     return y
-
-
-class MultiHeadSelfAttention(nn.Module):
-  """Self-attention with a fused q/k/v projection and an optional key padding mask."""
-
-  num_heads: int
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  kernel_init: Initializer = default_kernel_init
-
-  @nn.compact
-  def __call__(self, x: Array, key_mask: Optional[Array], *, deterministic: bool) -> Array:
-    """x: [batch, length, embed]; key_mask: [batch, length] bool (True = attend) or None."""
-    width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    head_dim = width // self.num_heads
-
-    def qkv_init(key, shape, dtype):
-      # Initialise as three independent [embed, embed] matrices, like separate projections.
-      flat = self.kernel_init(key, (3, shape[0], shape[2] * shape[3]), dtype)
-      return jnp.transpose(flat, (1, 0, 2)).reshape(shape)
-
-    qkv_kernel = param_with_axes("qkv_kernel", qkv_init, (width, 3, self.num_heads, head_dim),
-                                 jnp.float32, axes=("embed", "stack", "heads", "kv"))
-    qkv_bias = param_with_axes("qkv_bias", nn.initializers.zeros, (3, self.num_heads, head_dim),
-                               jnp.float32, axes=("stack", "heads", "kv"))
-    qkv = jnp.einsum("bld,dshk->sblhk", x.astype(self.dtype), qkv_kernel.astype(self.dtype))
-    qkv = qkv + qkv_bias.astype(self.dtype)[:, None, None]
-    query, key, value = qkv[0], qkv[1], qkv[2]
-    query = with_sharding_constraint(query, ("batch", "length", "heads", "kv"))
-    key = with_sharding_constraint(key, ("batch", "length", "heads", "kv"))
-    value = with_sharding_constraint(value, ("batch", "length", "heads", "kv"))
-
-    query = query * jnp.asarray(head_dim ** -0.5, self.dtype)
-    logits = jnp.einsum("bqhk,bthk->bhqt", query, key, preferred_element_type=jnp.float32)
-    if key_mask is not None:
-      big_negative = jnp.finfo(jnp.float32).min
-      logits = jnp.where(key_mask[:, None, None, :], logits, big_negative)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    if not deterministic and self.dropout_rate > 0.0:
-      weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum("bhqt,bthk->bqhk", weights, value)
-    out = with_sharding_constraint(out, ("batch", "length", "heads", "kv"))
-
-    out_kernel = param_with_axes("out_kernel", self.kernel_init, (self.num_heads, head_dim, width),
-                                 jnp.float32, axes=("heads", "kv", "embed"))
-    out_bias = param_with_axes("out_bias", nn.initializers.zeros, (width,), jnp.float32,
-                               axes=("embed",))
-    y = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
-    return with_sharding_constraint(y, ("batch", "length", "embed"))
 
 
 class MlpBlock(nn.Module):
@@ -223,14 +182,15 @@ class EncoderBlock(nn.Module):
   layernorm_epsilon: float = 1e-6
   gelu: str = "exact"
   dtype: Dtype = jnp.float32
+  qkv_layout: str = "fused"
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Optional[Array], deterministic: bool) -> Array:
     x = with_sharding_constraint(x, ("batch", "length", "embed"))
     y = LayerNorm(self.layernorm_epsilon, self.dtype, name="LayerNorm_0")(x)
-    y = MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
-                               name="MultiHeadSelfAttention_0")(y, key_mask,
-                                                                deterministic=deterministic)
+    attention = MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
+                                       qkv_layout=self.qkv_layout, name="MultiHeadSelfAttention_0")
+    y = attention(y, key_mask, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
     x = x + DropPath(self.droppath_rate, name="droppath_msa")(y, deterministic=deterministic)
     y = LayerNorm(self.layernorm_epsilon, self.dtype, name="LayerNorm_1")(x)
@@ -257,12 +217,15 @@ class EncoderFields(nn.Module):
   layernorm_epsilon: float = 1e-6
   gelu: str = "exact"
   dtype: Dtype = jnp.float32
+  qkv_layout: str = "fused"
 
 
 # The config keys (`transformer` of FLIP's towers, `model.decoder` of MAE) of the same name as the
 # stack's fields; `layernorm_epsilon` and `dtype` are set per tower and per experiment.
 ENCODER_CONFIG_KEYS = ("num_layers", "num_heads", "mlp_dim", "dropout_rate",
                        "attention_dropout_rate", "droppath_rate", "remat_policy", "gelu")
+# Keys of the same configs that may be absent (the field's default then applies).
+ENCODER_OPTIONAL_CONFIG_KEYS = ("qkv_layout",)
 
 
 class Encoder(EncoderFields):
@@ -272,8 +235,10 @@ class Encoder(EncoderFields):
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Optional[Array] = None, *, train: bool) -> Array:
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if not isinstance(self.remat_policy, str) or not self.remat_policy:
+      raise ValueError(f"remat_policy must be a name ({REMAT_POLICIES} or any other for full "
+                       f"remat), got {self.remat_policy!r}")
+    check_choice("qkv_layout", self.qkv_layout, QKV_LAYOUTS)
     if self.gelu not in GELU_KINDS:
       raise ValueError(f"gelu must be one of {GELU_KINDS}, got {self.gelu!r}")
     block_cls = EncoderBlock
@@ -287,7 +252,7 @@ class Encoder(EncoderFields):
                     dropout_rate=self.dropout_rate,
                     attention_dropout_rate=self.attention_dropout_rate,
                     droppath_rate=droppath, layernorm_epsilon=self.layernorm_epsilon,
-                    gelu=self.gelu, dtype=self.dtype,
+                    gelu=self.gelu, dtype=self.dtype, qkv_layout=self.qkv_layout,
                     name=f"encoderblock_{layer:02d}")(x, key_mask, not train)
     if self.final_norm:
       x = LayerNorm(self.layernorm_epsilon, self.dtype, name="encoder_norm")(x)
@@ -340,6 +305,11 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 def config_fields(config: Any, keys: Sequence[str]) -> Dict[str, Any]:
   """{key: config.key} for config keys spelled like the model fields they set."""
   return {key: getattr(config, key) for key in keys}
+
+
+def present_config_fields(config: Any, keys: Sequence[str]) -> Dict[str, Any]:
+  """{key: config.key} for those of `keys` the config has (absent: the field's default)."""
+  return {key: config[key] for key in keys if key in config}
 
 
 def checked_fields(module_cls: type, kwargs: Dict[str, Any]) -> Dict[str, Any]:

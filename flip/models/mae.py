@@ -119,8 +119,10 @@ class MaskedAutoencoder(nn.Module):
 
 def decoder_kwargs_from_config(decoder_config: Any) -> Dict[str, Any]:
   """`config.model.decoder` -> MaeDecoder fields."""
-  return layers.checked_fields(MaeDecoder, layers.config_fields(
-      decoder_config, ("hidden_size", "layernorm_epsilon") + layers.ENCODER_CONFIG_KEYS))
+  return layers.checked_fields(MaeDecoder, dict(
+      layers.config_fields(decoder_config,
+                           ("hidden_size", "layernorm_epsilon") + layers.ENCODER_CONFIG_KEYS),
+      **layers.present_config_fields(decoder_config, layers.ENCODER_OPTIONAL_CONFIG_KEYS)))
 
 
 def mae_from_config(config: Any) -> MaskedAutoencoder:

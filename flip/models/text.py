@@ -1,10 +1,12 @@
 """Text transformer (FLIP's text tower): token + learned position embedding, a bidirectional
-pre-norm transformer with a key padding mask, and first-token pooling.
+pre-norm transformer, and first-token pooling.
 
 The token table is `vocab_size` rounded up to a multiple of VOCAB_ROW_MULTIPLE rows (see there).
-Padding (id 0) is masked out of every attention, so appending pad tokens never changes the
-features of the real tokens; FLIP's tokenizer adds no [CLS], so the pooled feature is the encoded
-first word (`pool="first"`, FLIP's `txt_avg_token=False`); `pool="avg"` averages the real tokens.
+`pad_mask=False` is FLIP's tower: no attention mask at all (padding tokens are attended to like
+any other, so the features depend on the padded length). `pad_mask=True` (ours) masks padding
+(id 0) out of every attention, so appending pad tokens never changes the features of the real
+tokens. FLIP's tokenizer adds no [CLS], so the pooled feature is the encoded first word
+(`pool="first"`, FLIP's `txt_avg_token=False`); `pool="avg"` averages the real (non-pad) tokens.
 """
 
 from typing import Any, Dict
@@ -42,6 +44,7 @@ class TextTransformer(layers.EncoderFields):
   max_len: int = 32
   hidden_size: int = 768
   pool: str = "first"
+  pad_mask: bool = True
 
   @nn.compact
   def __call__(self, tokens: Array, *, train: bool) -> Dict[str, Array]:
@@ -63,7 +66,7 @@ class TextTransformer(layers.EncoderFields):
     x = layers.with_sharding_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 
-    x = layers.encoder_of(self)(x, key_mask, train=train)
+    x = layers.encoder_of(self)(x, key_mask if self.pad_mask else None, train=train)
 
     if self.pool == "first":
       pooled = x[:, 0]
@@ -79,7 +82,9 @@ def text_kwargs_from_config(txt_config: Any, max_len: int,
   """`config.model.model_txt` (FLIP's key names) + `config.aug.txt.max_len` -> fields."""
   return layers.checked_fields(TextTransformer, dict(
       layers.config_fields(txt_config.transformer, layers.ENCODER_CONFIG_KEYS),
+      **layers.present_config_fields(txt_config.transformer, layers.ENCODER_OPTIONAL_CONFIG_KEYS),
       max_len=max_len,
       **layers.config_fields(txt_config, ("vocab_size", "hidden_size", "pool",
                                           "layernorm_epsilon")),
+      **layers.present_config_fields(txt_config, ("pad_mask",)),
       dtype=dtype))

@@ -6,9 +6,10 @@ p x p convolution with stride p, computed as patchify + matmul) -> add the posit
 position embedding, so kept tokens carry their own positions) -> optional class token -> pre-norm
 transformer -> final LayerNorm -> pooling.
 
-Pooling is FLIP's: the average of all encoded patch tokens (`pool="avg"`); `pool="cls"` takes the
-class token instead (needs `use_cls_token`). The class token, when present, gets no position
-embedding and is never dropped. With `mask_ratio == 0` no mask is drawn and no gather happens: the
+Pooling: `pool="avg_all"` is FLIP's, the average of all encoded tokens, the class token included;
+`pool="avg"` averages the patch tokens only (MAE's global pool); `pool="cls"` takes the class token
+(needs `use_cls_token`). FLIP's image tower has a class token; it gets no position embedding and is
+never dropped. With `mask_ratio == 0` no mask is drawn and no gather happens: the
 unmasked path is the plain ViT.
 """
 
@@ -26,7 +27,7 @@ Array = jax.Array
 # ImageNet channel statistics in 0..255 pixel units (the normalisation FLIP and MAE use).
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-POOLS = ("avg", "cls")
+POOLS = ("avg", "avg_all", "cls")
 POSEMB_INIT_STDDEV = 0.02
 
 
@@ -146,6 +147,8 @@ class VisionTransformer(layers.EncoderFields):
 
     if self.pool == "cls":
       pooled = x[:, 0]
+    elif self.pool == "avg_all":
+      pooled = jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
     else:
       patch_tokens = x[:, 1:] if self.use_cls_token else x
       pooled = jnp.mean(patch_tokens.astype(jnp.float32), axis=1).astype(self.dtype)
@@ -156,6 +159,7 @@ def vit_kwargs_from_config(img_config: Any, dtype: Any = jnp.float32) -> Dict[st
   """`config.model.model_img` (FLIP's key names) -> VisionTransformer fields."""
   return layers.checked_fields(VisionTransformer, dict(
       layers.config_fields(img_config.transformer, layers.ENCODER_CONFIG_KEYS),
+      **layers.present_config_fields(img_config.transformer, layers.ENCODER_OPTIONAL_CONFIG_KEYS),
       patch_size=tuple(img_config.patches.size),
       **layers.config_fields(img_config, ("hidden_size", "mask_ratio", "sincos", "use_cls_token",
                                           "pool", "layernorm_epsilon")),
