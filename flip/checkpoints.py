@@ -331,6 +331,10 @@ def resize_learned_posemb(posemb: np.ndarray, new_grid: Tuple[int, int]) -> np.n
   return np.asarray(resized).reshape(1, new_grid[0] * new_grid[1], width)
 
 
+def _squeezed(shape) -> Tuple[int, ...]:
+  return tuple(d for d in shape if d != 1)
+
+
 def match_params(loaded: Mapping[str, Any], target_shapes: Mapping[str, Any],
                  resize_posemb_keys: Tuple[str, ...] = ("pos_embedding",),
                  posemb_grid: Optional[Tuple[int, int]] = None,
@@ -350,6 +354,9 @@ def match_params(loaded: Mapping[str, Any], target_shapes: Mapping[str, Any],
       is_image_posemb = key.split("/")[-1] in resize_posemb_keys and key.startswith("img_encoder")
       if is_image_posemb and posemb_grid is not None and value.ndim == 3:
         value = resize_learned_posemb(value, posemb_grid)
+      elif _squeezed(value.shape) == _squeezed(want):
+        # Only singleton axes differ (a scalar logit scale saved before it became shape (1,)).
+        value = np.reshape(value, want)
       else:
         misshaped.append(f"{key} {tuple(value.shape)} vs {want}")
         continue

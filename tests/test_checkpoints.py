@@ -391,3 +391,16 @@ def test_a_finished_run_restarted_with_its_own_config_only_warns(runs):
   problem = restore_plan.start_problem(config, plan, train.last_step(config, plan.progress))
   assert problem is not None and not problem.refuse
   assert problem.message.startswith("nothing to train") and "--config.num_epochs" in problem.message
+
+
+def test_a_scalar_saved_where_the_model_has_shape_1_loads_and_other_shapes_are_refused():
+  """A logit scale saved as a scalar (checkpoints from before it became shape (1,)) fits the
+  model exactly; a real mismatch (3 values for 2) is still named."""
+  target = {"logit_scale": jax.ShapeDtypeStruct((1,), np.float32),
+            "kernel": jax.ShapeDtypeStruct((2, 1), np.float32)}
+  loaded = {"logit_scale": np.float32(2.5), "kernel": np.asarray([7.0, 8.0], np.float32)}
+  fitted = checkpoints.match_params(loaded, target)
+  np.testing.assert_array_equal(fitted["logit_scale"], np.asarray([2.5], np.float32))
+  np.testing.assert_array_equal(fitted["kernel"], np.asarray([[7.0], [8.0]], np.float32))
+  with pytest.raises(checkpoints.CheckpointError, match=r"kernel \(3,\) vs \(2, 1\)"):
+    checkpoints.match_params(dict(loaded, kernel=np.zeros(3, np.float32)), target)
