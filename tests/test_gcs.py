@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 import gcs_emulator
+import laion_fixtures
 import train_utils
 from flip import checkpoints
 from flip import config as config_lib
@@ -221,3 +222,20 @@ def test_reconstruction_png_is_written_to_the_bucket(gcs):
   reconstruction.write_png(image, f"{ROOT}/pngs/grid.png")
   decoded = tf.io.decode_png(paths.read_bytes(f"{ROOT}/pngs/grid.png")).numpy()
   np.testing.assert_array_equal(decoded, image)
+
+
+@pytest.mark.parametrize("fmt", ["tfrecord", "webdataset"])
+def test_laion_shards_on_the_bucket_give_the_same_examples_as_on_disk(gcs, tmp_path, fmt):
+  """img2dataset shards (with the defects of real crawls) read from the bucket and from disk."""
+  del gcs
+  import test_data_laion  # pylint: disable=g-import-not-at-top (its config and shard builder)
+  local, remote = str(tmp_path / fmt), f"{ROOT}/laion/{fmt}"
+  samples = test_data_laion.build(local, fmt)
+  copy_tree(local, remote)
+  seen = []
+  for directory in (local, remote):
+    examples, counts = test_data_laion.one_epoch(test_data_laion.make_config(directory))
+    seen.append((sorted(tuple(e["txt"]) for e in examples), test_data_laion.skip_dict(counts)))
+  assert seen[0] == seen[1]
+  assert seen[1][1] == laion_fixtures.expected_skips(samples)
+  assert len(seen[1][0]) == len(laion_fixtures.expected_valid(samples))
