@@ -304,14 +304,14 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   del argv
   try:
-    paths = build_demo(FLAGS.fashion_mnist_dir, FLAGS.out_dir, num_train=FLAGS.num_train,
-                       num_test=FLAGS.num_test, train_shards=FLAGS.train_shards,
-                       seed=FLAGS.seed)
+    demo_paths = build_demo(FLAGS.fashion_mnist_dir, FLAGS.out_dir, num_train=FLAGS.num_train,
+                            num_test=FLAGS.num_test, train_shards=FLAGS.train_shards,
+                            seed=FLAGS.seed)
   except DemoDataError as e:
     print(f"flip.data.demo: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"demo set {'built' if paths.built else 'already complete'}: train {paths.train_dir}, "
-        f"test {paths.test_dir}")
+  print(f"demo set {'built' if demo_paths.built else 'already complete'}: "
+        f"train {demo_paths.train_dir}, test {demo_paths.test_dir}")
 
 
 if __name__ == "__main__":

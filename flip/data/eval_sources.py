@@ -255,24 +255,24 @@ def image_folder(root: str, max_images: int) -> ClassificationSource:
                    if tf.io.gfile.isdir(paths.join(root, d)))
   if not folders:
     raise EvalDataError(f"image folder {root} has no class sub-folders")
-  paths, labels = [], []
+  image_files, labels = [], []
   for label, folder in enumerate(folders):
     for file_name in sorted(tf.io.gfile.listdir(paths.join(root, folder))):
       if file_name.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(paths.join(root, folder, file_name))
+        image_files.append(paths.join(root, folder, file_name))
         labels.append(label)
-  if not paths:
+  if not image_files:
     raise EvalDataError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
   if max_images > 0:
-    paths, labels = paths[:max_images], labels[:max_images]
+    image_files, labels = image_files[:max_images], labels[:max_images]
 
   def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
+    ds = tf.data.Dataset.from_tensor_slices({"path": image_files, "label": labels})
     ds = ds.shard(num_shards, shard_index)
     return ds.map(lambda ex: {"image": tf.io.read_file(ex["path"]), "label": ex["label"]})
 
   return ClassificationSource(name=paths.basename(root), classnames=folders,
-                              templates=[], num_examples=len(paths), read_encoded=read)
+                              templates=[], num_examples=len(image_files), read_encoded=read)
 
 
 def _folder_source(root: str, templates_key: str, classnames_file: str,
