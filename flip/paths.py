@@ -19,8 +19,6 @@ import re
 import shutil
 from typing import IO, Iterator, List
 
-import tensorflow as tf
-
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _URL_ROOT = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*")
 # tf.errors codes -> the errno an equivalent local failure would carry.
@@ -56,7 +54,13 @@ def dirname(path: str) -> str:
   return os.path.dirname(os.path.abspath(path))
 
 
-def _os_error(err: "tf.errors.OpError", path: str) -> OSError:
+def _tf():
+  """TensorFlow, imported on the first remote path (importing flip loads no TensorFlow)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def _os_error(err, path: str) -> OSError:
   message = " ".join(str(err.message).split())
   return OSError(_ERRNO_OF_TF_ERROR.get(type(err).__name__, errno.EIO), message, path)
 
@@ -65,7 +69,7 @@ def _os_error(err: "tf.errors.OpError", path: str) -> OSError:
 def _as_os_errors(path: str) -> Iterator[None]:
   try:
     yield
-  except tf.errors.OpError as err:
+  except _tf().errors.OpError as err:
     raise _os_error(err, path) from None
 
 
@@ -73,14 +77,14 @@ def exists(path: str) -> bool:
   if not is_remote(path):
     return os.path.exists(path)
   with _as_os_errors(path):
-    return tf.io.gfile.exists(path)
+    return _tf().io.gfile.exists(path)
 
 
 def isdir(path: str) -> bool:
   if not is_remote(path):
     return os.path.isdir(path)
   with _as_os_errors(path):
-    return tf.io.gfile.isdir(path)
+    return _tf().io.gfile.isdir(path)
 
 
 def listdir(path: str) -> List[str]:
@@ -88,19 +92,19 @@ def listdir(path: str) -> List[str]:
   if not is_remote(path):
     return os.listdir(path)
   with _as_os_errors(path):
-    return [name.rstrip("/") for name in tf.io.gfile.listdir(path)]
+    return [name.rstrip("/") for name in _tf().io.gfile.listdir(path)]
 
 
 def glob(pattern: str) -> List[str]:
   with _as_os_errors(pattern):
-    return tf.io.gfile.glob(pattern)
+    return _tf().io.gfile.glob(pattern)
 
 
 def getsize(path: str) -> int:
   if not is_remote(path):
     return os.path.getsize(path)
   with _as_os_errors(path):
-    return tf.io.gfile.stat(path).length
+    return _tf().io.gfile.stat(path).length
 
 
 def makedirs(path: str) -> None:
@@ -111,9 +115,9 @@ def makedirs(path: str) -> None:
   root = _URL_ROOT.match(path).group(0)  # gs://bucket
   with _as_os_errors(path):
     # TensorFlow's recursive create never returns when the bucket does not exist.
-    if not tf.io.gfile.isdir(root):
+    if not _tf().io.gfile.isdir(root):
       raise OSError(errno.ENOENT, f"{root} does not exist or is not accessible", path)
-    tf.io.gfile.makedirs(path)
+    _tf().io.gfile.makedirs(path)
 
 
 def remove(path: str) -> None:
@@ -121,7 +125,7 @@ def remove(path: str) -> None:
     os.remove(path)
     return
   with _as_os_errors(path):
-    tf.io.gfile.remove(path)
+    _tf().io.gfile.remove(path)
 
 
 def rmtree(path: str) -> None:
@@ -130,7 +134,7 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path)
     return
   with _as_os_errors(path):
-    tf.io.gfile.rmtree(path)
+    _tf().io.gfile.rmtree(path)
 
 
 def replace(src: str, dst: str) -> None:
@@ -139,15 +143,15 @@ def replace(src: str, dst: str) -> None:
     os.replace(src, dst)
     return
   with _as_os_errors(src):
-    tf.io.gfile.rename(src, dst, overwrite=True)
+    _tf().io.gfile.rename(src, dst, overwrite=True)
 
 
 def open_file(path: str, mode: str = "r") -> IO:
-  """`open(path, mode)` for a local path, a `tf.io.gfile.GFile` for a URL."""
+  """`open(path, mode)` for a local path, a `_tf().io.gfile.GFile` for a URL."""
   if not is_remote(path):
     return open(path, mode)  # pylint: disable=unspecified-encoding
   with _as_os_errors(path):
-    return tf.io.gfile.GFile(path, mode)
+    return _tf().io.gfile.GFile(path, mode)
 
 
 def read_bytes(path: str) -> bytes:
