@@ -48,7 +48,6 @@ import errno
 import json
 import os
 import re
-import shutil
 import uuid
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -62,6 +61,7 @@ import numpy as np
 from t5x import checkpoints as t5x_checkpoints
 
 from flip import compat
+from flip import paths
 
 META_DIR = "flip_meta"
 # t5x's layout (flip.compat): the iterator state's name prefix and its TF checkpoint index suffix.
@@ -83,7 +83,7 @@ class CheckpointWriteError(OSError):
 
 
 def checkpoint_dir(workdir: str, step: int) -> str:
-  return os.path.join(workdir, compat.t5x_checkpoint_dir_name(step))
+  return paths.join(workdir, compat.t5x_checkpoint_dir_name(step))
 
 
 def complete_steps(workdir: str) -> List[int]:
@@ -128,18 +128,20 @@ def remove_incomplete(workdir: str, step: Optional[int] = None) -> List[str]:
   for path in removed:
     logging.warning("removing the incomplete checkpoint directory %s (a killed or failed save)",
                     path)
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+      paths.rmtree(path)
+    except OSError as err:
+      logging.warning("could not remove %s: %s", path, _os_error_text(err))
   return removed
 
 
 def check_writable(workdir: str) -> None:
   """Creates workdir if needed and writes + deletes a probe file, or raises CheckpointWriteError."""
-  probe = os.path.join(workdir, f".write_probe-{jax.process_index()}-{uuid.uuid4().hex}")
+  probe = paths.join(workdir, f".write_probe-{jax.process_index()}-{uuid.uuid4().hex}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "wb") as f:
-      f.write(b"probe")
-    os.remove(probe)
+    paths.makedirs(workdir)
+    paths.write_bytes(probe, b"probe")
+    paths.remove(probe)
   except OSError as err:
     raise CheckpointWriteError(
         f"workdir {workdir} is not writable: {_os_error_text(err)}") from None
@@ -148,6 +150,8 @@ def check_writable(workdir: str) -> None:
 def _os_error_text(err: BaseException) -> str:
   """`[Errno 28] No space left on device` style text, without paths, in one line."""
   if isinstance(err, OSError) and err.errno:
+    if err.strerror and err.strerror != os.strerror(err.errno):  # a remote filesystem's message
+      return " ".join(err.strerror.split())
     return f"[Errno {err.errno}] {os.strerror(err.errno)}"
   text = " ".join(str(err).split())
   return text or type(err).__name__
@@ -192,7 +196,7 @@ def has_iterator_state(ckpt_dir: str, shard_id: int, num_shards: int) -> bool:
 
 
 def meta_path(workdir: str, step: int) -> str:
-  return os.path.join(workdir, META_DIR, f"step_{step}.json")
+  return paths.join(workdir, META_DIR, f"step_{step}.json")
 
 
 def write_meta(workdir: str, step: int, meta: Mapping[str, Any]) -> None:

@@ -27,12 +27,12 @@ saved iterator resumes a run on exactly the batches it would have seen. Batches 
 {"image": uint8 [b, S, S, 3], "label": int32 [b]} ("label" left out with `with_labels=False`).
 """
 
-import os
 from typing import List, Optional, Tuple
 
 import ml_collections
 import tensorflow as tf
 
+from flip import paths
 from flip import augment
 from flip.data import checkpointable
 from flip.data import dataset_spec
@@ -52,7 +52,7 @@ ClassificationDataError = dataset_spec.DatasetError
 # --- sources ------------------------------------------------------------------------------------
 
 def _demo_split_dir(path: str, split: str) -> str:
-  nested = os.path.join(path, DEMO_SPLIT_DIRS[split])
+  nested = paths.join(path, DEMO_SPLIT_DIRS[split])
   if tf.io.gfile.isdir(nested):
     return nested
   if tf.io.gfile.isdir(path):

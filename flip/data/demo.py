@@ -44,6 +44,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from flip import paths
+
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = ("install it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) or "
                 "pass --fashion_mnist_dir=<directory with the four idx .gz files>")
@@ -108,10 +110,10 @@ class DemoPaths:
 
 def read_idx(path: str, magic: int) -> np.ndarray:
   """Reads a gzipped idx file (uint8 data): images [N, rows, cols] or labels [N]."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise DemoDataError(f"Fashion-MNIST file {path} not found: {INSTALL_HINT}")
   try:
-    with gzip.open(path, "rb") as f:
+    with paths.open_file(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
       data = f.read()
   except (OSError, EOFError) as e:
     raise DemoDataError(f"{path}: not a readable gzip file ({e})") from None
@@ -129,7 +131,7 @@ def read_idx(path: str, magic: int) -> np.ndarray:
 
 def load_split(fashion_mnist_dir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N, 28, 28], labels uint8 [N]) of "train" or "test"."""
-  image_file, label_file = (os.path.join(fashion_mnist_dir, name) for name in SPLIT_FILES[split])
+  image_file, label_file = (paths.join(fashion_mnist_dir, name) for name in SPLIT_FILES[split])
   images = read_idx(image_file, IDX_IMAGES_MAGIC)
   labels = read_idx(label_file, IDX_LABELS_MAGIC)
   if len(images) != len(labels):
@@ -199,10 +201,10 @@ def _request(fashion_mnist_dir: str, num_train: int, num_test: int, train_shards
   sources = {}
   for split in ("train", "test"):
     for name in SPLIT_FILES[split]:
-      path = os.path.join(fashion_mnist_dir, name)
-      if not os.path.exists(path):
+      path = paths.join(fashion_mnist_dir, name)
+      if not paths.exists(path):
         raise DemoDataError(f"Fashion-MNIST file {path} not found: {INSTALL_HINT}")
-      sources[name] = os.path.getsize(path)
+      sources[name] = paths.getsize(path)
   return {"format_version": FORMAT_VERSION, "num_train": num_train, "num_test": num_test,
           "train_shards": train_shards, "test_shards": test_shards, "seed": seed,
           "source_sizes": sources}
@@ -241,6 +243,9 @@ def build_demo(fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR, out_dir: str 
 
   `num_train` / `num_test` take the first images of each split (for quick tests).
   """
+  if paths.is_remote(out_dir):
+    raise DemoDataError(f"out_dir {out_dir}: the demo set is built on a local disk (staged, then "
+                        "renamed into place); copy the built directory to object storage")
   out_dir = os.path.abspath(out_dir)
   request = _request(fashion_mnist_dir, num_train, num_test, train_shards, test_shards, seed)
   if _is_complete(out_dir, request):
@@ -299,14 +304,14 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   del argv
   try:
-    paths = build_demo(FLAGS.fashion_mnist_dir, FLAGS.out_dir, num_train=FLAGS.num_train,
-                       num_test=FLAGS.num_test, train_shards=FLAGS.train_shards,
-                       seed=FLAGS.seed)
+    demo_paths = build_demo(FLAGS.fashion_mnist_dir, FLAGS.out_dir, num_train=FLAGS.num_train,
+                            num_test=FLAGS.num_test, train_shards=FLAGS.train_shards,
+                            seed=FLAGS.seed)
   except DemoDataError as e:
     print(f"flip.data.demo: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"demo set {'built' if paths.built else 'already complete'}: train {paths.train_dir}, "
-        f"test {paths.test_dir}")
+  print(f"demo set {'built' if demo_paths.built else 'already complete'}: "
+        f"train {demo_paths.train_dir}, test {demo_paths.test_dir}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from flip import paths
 from flip.data import dataset_spec
 from flip.data import transforms
 
@@ -251,34 +252,34 @@ def image_folder(root: str, max_images: int) -> ClassificationSource:
   if not tf.io.gfile.isdir(root):
     raise EvalDataError(f"image folder not found: {root}")
   folders = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
-                   if tf.io.gfile.isdir(os.path.join(root, d)))
+                   if tf.io.gfile.isdir(paths.join(root, d)))
   if not folders:
     raise EvalDataError(f"image folder {root} has no class sub-folders")
-  paths, labels = [], []
+  image_files, labels = [], []
   for label, folder in enumerate(folders):
-    for file_name in sorted(tf.io.gfile.listdir(os.path.join(root, folder))):
+    for file_name in sorted(tf.io.gfile.listdir(paths.join(root, folder))):
       if file_name.lower().endswith(IMAGE_EXTENSIONS):
-        paths.append(os.path.join(root, folder, file_name))
+        image_files.append(paths.join(root, folder, file_name))
         labels.append(label)
-  if not paths:
+  if not image_files:
     raise EvalDataError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
   if max_images > 0:
-    paths, labels = paths[:max_images], labels[:max_images]
+    image_files, labels = image_files[:max_images], labels[:max_images]
 
   def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
+    ds = tf.data.Dataset.from_tensor_slices({"path": image_files, "label": labels})
     ds = ds.shard(num_shards, shard_index)
     return ds.map(lambda ex: {"image": tf.io.read_file(ex["path"]), "label": ex["label"]})
 
-  return ClassificationSource(name=os.path.basename(os.path.normpath(root)), classnames=folders,
-                              templates=[], num_examples=len(paths), read_encoded=read)
+  return ClassificationSource(name=paths.basename(root), classnames=folders,
+                              templates=[], num_examples=len(image_files), read_encoded=read)
 
 
 def _folder_source(root: str, templates_key: str, classnames_file: str,
                    max_images: int) -> ClassificationSource:
   source = image_folder(root, max_images)
   classnames = read_classnames_file(
-      classnames_file or os.path.join(root, DEFAULT_CLASSNAMES_FILE), source.classnames)
+      classnames_file or paths.join(root, DEFAULT_CLASSNAMES_FILE), source.classnames)
   return dataclasses.replace(source, classnames=classnames,
                              templates=imagenet_templates(templates_key))
 
@@ -288,7 +289,7 @@ def _folder_source(root: str, templates_key: str, classnames_file: str,
 def tfrecord_files(path: str) -> List[str]:
   """Sorted TFRecord files of a directory, a glob pattern or a single file."""
   if tf.io.gfile.isdir(path):
-    files = [os.path.join(path, f) for f in tf.io.gfile.listdir(path)]
+    files = [paths.join(path, f) for f in tf.io.gfile.listdir(path)]
     files = [f for f in files if not tf.io.gfile.isdir(f) and not f.endswith(_NOT_TFRECORD)]
   elif any(ch in path for ch in "*?["):
     files = tf.io.gfile.glob(path)
@@ -333,16 +334,16 @@ def tfrecord_set(path: str, columns: Dict[str, Tuple[str, tf.dtypes.DType]], max
 
 
 def _demo_dir(path: str) -> str:
-  for candidate in (path, os.path.join(path, DEMO_SPLIT_DIR)):
-    if tf.io.gfile.exists(os.path.join(candidate, DEMO_CLASSES_FILE)):
+  for candidate in (path, paths.join(path, DEMO_SPLIT_DIR)):
+    if tf.io.gfile.exists(paths.join(candidate, DEMO_CLASSES_FILE)):
       return candidate
   raise EvalDataError(f"demo test split not found: no {DEMO_CLASSES_FILE} in {path} or "
-                      f"{os.path.join(path, DEMO_SPLIT_DIR)} (build it with flip.data.demo)")
+                      f"{paths.join(path, DEMO_SPLIT_DIR)} (build it with flip.data.demo)")
 
 
 def _demo_source(path: str, max_images: int) -> ClassificationSource:
   split_dir = _demo_dir(path)
-  classes_path = os.path.join(split_dir, DEMO_CLASSES_FILE)
+  classes_path = paths.join(split_dir, DEMO_CLASSES_FILE)
   with tf.io.gfile.GFile(classes_path) as f:
     text = f.read()
   try:
@@ -363,7 +364,7 @@ def _demo_source(path: str, max_images: int) -> ClassificationSource:
 def caption_source(path: str, max_images: int = 0) -> CaptionSource:
   """A held-out image-caption set in the LAION TFRecord layout (`jpg`, `txt`)."""
   num_examples, read = tfrecord_set(path, CAPTION_COLUMNS, max_images)
-  return CaptionSource(name=os.path.basename(os.path.normpath(path.rstrip("*"))) or "captions",
+  return CaptionSource(name=paths.basename(path.rstrip("*")) or "captions",
                        num_examples=num_examples, read_encoded=read)
 
 

@@ -24,7 +24,6 @@ laion_cycle_length, laion_read_chunk_bytes.
 
 import concurrent.futures
 import dataclasses
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -32,6 +31,7 @@ import ml_collections
 import seqio
 import tensorflow as tf
 
+from flip import paths
 from flip.data import checkpointable
 from flip.data import laion_filters
 from flip.data import record_framing
@@ -85,7 +85,7 @@ class PipelineOptions:
 def list_files(entry: str) -> Tuple[List[str], str]:
   """Sorted shard files of one laion_path entry and their format ("tfrecord" or "webdataset")."""
   if tf.io.gfile.isdir(entry):
-    candidates = [os.path.join(entry, name) for name in tf.io.gfile.listdir(entry)]
+    candidates = [paths.join(entry, name) for name in tf.io.gfile.listdir(entry)]
   else:
     candidates = tf.io.gfile.glob(entry)
   files = sorted({f for f in candidates if format_of(f)})

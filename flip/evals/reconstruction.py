@@ -20,7 +20,6 @@ grid of a checkpoint to a PNG file with the same pieces.
 """
 
 import math
-import os
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import flax
@@ -28,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from flip import paths
 from flip import losses
 from flip.evals import core
 from flip.evals import registry
@@ -96,9 +96,9 @@ def grid_image(panels: np.ndarray, min_panel_pixels: int = MIN_PANEL_PIXELS) -> 
 
 def write_png(image: np.ndarray, path: str) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  Image.fromarray(image).save(path, format="PNG")
+  paths.makedirs(paths.dirname(path))
+  with paths.open_file(path, "wb") as f:
+    Image.fromarray(image).save(f, format="PNG")
 
 
 def load_images(config: ml_collections.ConfigDict, spec: str, num_images: int,
