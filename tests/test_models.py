@@ -37,7 +37,7 @@ from flip.models import vit as vit_lib
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The FLIP configs (two towers); the MAE / probe / fine-tune configs are tested in test_mae,
 # test_linprobe and test_finetune.
-MAE_FAMILY_PREFIXES = ("cfg_mae_", "cfg_linprobe_", "cfg_finetune_")
+MAE_FAMILY_PREFIXES = ("cfg_mae_", "cfg_linprobe_", "cfg_finetune_", "cfg_m3ae_")
 CONFIG_NAMES = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py")
                       if p.stem != "__init__" and not p.stem.startswith(MAE_FAMILY_PREFIXES))
 SMOKE_CONFIG = "configs/cfg_flip_large.py:smoke"
@@ -601,7 +601,8 @@ MAE_FAMILY_NAMES = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py")
 
 @pytest.mark.parametrize("name", MAE_FAMILY_NAMES)
 def test_mae_family_configs_build_their_task_model_abstractly(name):
-  """Every MAE / probe / fine-tune config validates and its task's variables have logical axes."""
+  """Every MAE / M3AE / probe / fine-tune config validates and its task's variables have logical
+  axes; the image encoder has the analytic ViT size (M3AE's: plus its modality type embedding)."""
   config = load(name)
   config_lib.validate_config(config)
   task = builders.build_task(config)
@@ -618,4 +619,6 @@ def test_mae_family_configs_build_their_task_model_abstractly(name):
                                  img.transformer.num_layers, img.transformer.mlp_dim,
                                  cls_token=img.use_cls_token,
                                  learned_posemb_tokens=0 if img.sincos else grid_tokens)
+  if config.task == "m3ae":
+    expected += img.hidden_size  # the image modality's type embedding
   assert encoder == expected, (encoder, expected)
