@@ -19,6 +19,7 @@ import sys
 import flax
 from flax import traverse_util
 from flax.linen import partitioning as nn_partitioning
+import jax
 import numpy as np
 import optax
 import pytest
@@ -311,3 +312,25 @@ def test_released_layout_reads_back_through_t5x(flip_checkpoint):
   assert set(target) == set(flat)
   for key, value in flat.items():
     np.testing.assert_array_equal(target[key], value, err_msg=key)
+
+
+def test_a_zipped_release_converts_like_its_directory_and_a_bad_src_is_named(flip_checkpoint,
+                                                                           tmp_path):
+  """FLIP's weights are released as zips of the checkpoint directory: the zip converts to exactly
+  the parameters its directory does; a file that is neither is refused in one line."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  config, _, ckpt = flip_checkpoint
+  archive = shutil.make_archive(str(tmp_path / "release"), "zip", root_dir=os.path.dirname(ckpt),
+                                base_dir=os.path.basename(ckpt))
+  _, shapes, _ = flip_t5x.model_and_shapes(config)
+  flip_t5x.convert(ckpt, str(tmp_path / "from_dir"), config)
+  flip_t5x.convert(archive, str(tmp_path / "from_zip"), config)
+  from_dir = checkpoints.load_pretrained_params(str(tmp_path / "from_dir"), shapes)
+  from_zip = checkpoints.load_pretrained_params(str(tmp_path / "from_zip"), shapes)
+  for a, b in zip(jax.tree.leaves(from_dir), jax.tree.leaves(from_zip)):
+    np.testing.assert_array_equal(a, b)
+  (tmp_path / "notes.txt").write_text("not a checkpoint")
+  with pytest.raises(flip_t5x.ConversionError, match="neither a checkpoint directory nor a zip"):
+    flip_t5x.convert(str(tmp_path / "notes.txt"), str(tmp_path / "x"), config)
+  with pytest.raises(flip_t5x.ConversionError, match="does not exist"):
+    flip_t5x.convert(str(tmp_path / "nope"), str(tmp_path / "y"), config)

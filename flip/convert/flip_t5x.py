@@ -58,6 +58,7 @@ from flip import checkpoints
 from flip import compat
 from flip import config as config_lib
 from flip import partitioning
+from flip import paths
 from flip import process_setup
 from flip.models import flip as flip_lib
 from flip.models import layers
@@ -189,18 +190,23 @@ def write_params_checkpoint(dst: str, params: Mapping[str, Any], params_axes: An
   state = state.replace_step(np.asarray(0, np.int32))
   partitioner = partitioning.FlipPjitPartitioner(num_partitions=1)
   t5x_checkpoints.Checkpointer(state, partitioner, dst).save(state)
-  return os.path.join(dst, compat.t5x_checkpoint_dir_name(0))
+  return paths.join(dst, compat.t5x_checkpoint_dir_name(0))
 
 
 def convert(src: str, dst: str, config: Any) -> str:
   """FLIP checkpoint `src` -> our parameter checkpoint in `dst`; returns its directory."""
-  if os.path.exists(dst) and os.listdir(dst):
+  if paths.exists(dst) and paths.listdir(dst):
     raise ConversionError(f"--dst {dst} is not empty")
+  if not paths.exists(src):
+    raise ConversionError(f"--src {src} does not exist")
   model, shapes, axes = model_and_shapes(config)
   with tempfile.TemporaryDirectory() as tmp:
-    if zipfile.is_zipfile(src):
-      with zipfile.ZipFile(src) as archive:
-        archive.extractall(tmp)
+    if not paths.isdir(src):
+      with paths.open_file(src, "rb") as f:  # local or gs://: zipfile needs a seekable file
+        if not zipfile.is_zipfile(f):
+          raise ConversionError(f"--src {src} is neither a checkpoint directory nor a zip")
+        with zipfile.ZipFile(f) as archive:
+          archive.extractall(tmp)
       src = _directory_with_checkpoint(tmp)
     params = convert_params(read_flip_target(src), model, config.image_size, shapes)
   return write_params_checkpoint(dst, params, axes)
