@@ -1,7 +1,8 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported), the process set-up of an
 entry point (flip.process_setup: malloc tuning on the CPU backend, TF kept off any GPU),
 `scripts/` importable (the reliability harness runs main.py for the subprocess tests), and the
-`slow` marker gated behind FLIP_SLOW_TESTS=1.
+`slow` marker gated behind FLIP_SLOW_TESTS=1, and torchvision made importable beside the CPU build
+of torch (see `make_torchvision_importable`).
 
 A missing prerequisite of a default-suite test (Fashion-MNIST, a tmpfs mount) fails that test
 with one line saying what is missing: the suite cannot go green by skipping. Set
@@ -22,8 +23,23 @@ process_setup.configure_process()  # as an entry point does: malloc on CPU, TF o
 
 import pathlib
 import sys
+import types
 
 import pytest
+
+
+def make_torchvision_importable() -> None:
+  """The parity tests import timm and open_clip, which import torchvision. The torchvision wheel
+  the registries serve for torch 2.13 registers meta kernels for its C++ operators at import
+  (`torchvision._meta_registrations`), and that fails against the CPU build of torch ("operator
+  torchvision::nms does not exist"); nothing the tests use needs those kernels, so that one module
+  is an empty module here. This is the only place the tests touch torchvision; flip itself never
+  imports torch or torchvision."""
+  name = "torchvision._meta_registrations"
+  sys.modules.setdefault(name, types.ModuleType(name))
+
+
+make_torchvision_importable()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
