@@ -169,7 +169,7 @@ _CHOICES = {
     "opt_type": ("adamw", "sgd", "lars"),
     "opt_mu_dtype": ("float32", "bfloat16"),
     "dtype": ("float32", "bfloat16", "float16"),
-    "aug.txt.tokenizer": ("tf_bert", "sentencepiece", "byte"),
+    "aug.txt.tokenizer": ("tf_bert", "sentencepiece", "byte", "open_clip"),
     "model.clr.loss": ("softmax", "sigmoid"),
     "model.model_img.pool": ("avg", "avg_all", "cls"),
     "model.model_img.transformer.gelu": ("exact", "tanh"),
