@@ -114,7 +114,8 @@ def _square(value: Any, key: str) -> int:
 def _check_flags(cfg: Mapping[str, Any], where: str, known: set) -> None:
   for key, value in cfg.items():
     if key in _UNSUPPORTED and value:
-      raise ArchError(f"{where}.{key}={value!r}: {_UNSUPPORTED[key]} is not supported")
+      shown = f"={value!r}" if isinstance(value, (str, bool, int, float)) else ""
+      raise ArchError(f"{where}.{key}{shown}: {_UNSUPPORTED[key]} is not supported")
   for key in cfg:
     if key not in known and key not in _UNSUPPORTED:
       raise ArchError(f"{where}.{key}: an open_clip key this converter does not support")
@@ -163,7 +164,6 @@ def parse_model_config(cfg: Mapping[str, Any], where: str = "model config") -> A
   if "model_cfg" in cfg:
     preprocess = cfg.get("preprocess_cfg") or {}
     cfg, where = cfg["model_cfg"], f"{where} model_cfg"
-  _check_flags(cfg, where, _TOP_KNOWN)
   for key in ("embed_dim", "vision_cfg", "text_cfg"):
     if key not in cfg:
       raise ArchError(f"{where} has no {key!r}")
@@ -171,6 +171,7 @@ def parse_model_config(cfg: Mapping[str, Any], where: str = "model config") -> A
   vw, tw = f"{where} vision_cfg", f"{where} text_cfg"
   _check_flags(v, vw, _VISION_KNOWN)
   _check_flags(t, tw, _TEXT_KNOWN)
+  _check_flags(cfg, where, _TOP_KNOWN)
   if isinstance(v.get("layers", 12), (list, tuple)):
     raise ArchError(f"{vw}.layers={v['layers']}: a ModifiedResNet image tower is not supported")
   if v.get("pos_embed_type", "learnable") not in ("learnable", "sin_cos_2d"):

@@ -1,0 +1,287 @@
+"""open_clip CLIP models in and out (flip.convert.open_clip) and open_clip's tokenizer
+(flip.data.clip_bpe), against open_clip itself.
+
+The references are open_clip models built here from shrunk ViT-B-16-style model configs with
+random weights (every tensor perturbed, so no bias or LayerNorm stays at its initial value): their
+`encode_image` / `encode_text` (normalised), `open_clip.get_tokenizer`, and
+`open_clip.build_zero_shot_classifier` on the exact pixels our evaluation pipeline produces.
+Variants: "openai" (QuickGELU, causal text with argmax/EOT pooling, class-token pooling, ln_pre),
+"gelu" (exact GELU, LayerScale in both towers, larger MLP ratio) and "avgpool" (no ln_pre, patch
+average with the LayerNorm after the pooling, bidirectional text pooled at the first token, tanh
+GELU, LayerNorm eps 1e-6, sin-cos position table).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
+import open_clip  # conftest makes torchvision importable beside the CPU build of torch
+
+from flip import checkpoints
+from flip import config as config_lib
+from flip.convert import open_clip as cli
+from flip.convert import open_clip_arch
+from flip.convert import open_clip_map
+from flip.data import text as text_lib
+
+ATOL = 1e-5  # float32 against float32
+CONTEXT = 16
+OPENAI_MEAN = np.asarray(open_clip_arch.OPENAI_MEAN, np.float32)
+OPENAI_STD = np.asarray(open_clip_arch.OPENAI_STD, np.float32)
+STRINGS = ["a photo of a dog.", "", "Ünïcödé café — naïve 東京 🐶 ½", "word " * 100,
+           "  Multiple   spaces\tand\nlines  ", "&amp; html &lt;b&gt; x", "CAPS and 123 numbers!!"]
+
+
+def tiny_config(variant):
+  vision = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}
+  text = {"context_length": CONTEXT, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+  cfg = {"embed_dim": 24, "vision_cfg": vision, "text_cfg": text}
+  if variant == "openai":
+    cfg["quick_gelu"] = True
+  elif variant == "gelu":
+    vision.update(ls_init_value=0.1, mlp_ratio=3.0)
+    text.update(ls_init_value=0.1)
+  elif variant == "avgpool":
+    vision.update(no_ln_pre=True, pool_type="avg", final_ln_after_pool=True,
+                  pos_embed_type="sin_cos_2d", norm_kwargs={"eps": 1e-6},
+                  act_kwargs={"approximate": "tanh"})
+    text.update(no_causal_mask=True, pool_type="first", norm_kwargs={"eps": 1e-6},
+                act_kwargs={"approximate": "tanh"})
+  return cfg
+
+
+def random_clip(cfg, seed=0):
+  torch.manual_seed(seed)
+  model = open_clip.CLIP(**cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name == "logit_scale":
+        continue
+      if p.ndim == 1 and ("ln" in name or "gamma" in name):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.add_(0.05 * torch.randn_like(p))
+  return model
+
+
+def images(seed, n=4, size=32):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def torch_pixels(uint8_images):
+  x = (uint8_images.astype(np.float32) / 255.0 - OPENAI_MEAN) / OPENAI_STD
+  return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+def oc_embeddings(model, uint8_images, tokens):
+  with torch.no_grad():
+    return (model.encode_image(torch_pixels(uint8_images), normalize=True).numpy(),
+            model.encode_text(torch.from_numpy(np.asarray(tokens, np.int64)),
+                              normalize=True).numpy())
+
+
+def our_embeddings(directory, uint8_images, tokens):
+  from flip import builders  # pylint: disable=g-import-not-at-top
+  config = cli.flip_config_for(directory)
+  task = builders.build_task(config)
+  params = checkpoints.load_params_tree(directory)
+  return (np.asarray(task.encode_image(params, uint8_images)),
+          np.asarray(task.encode_text(params, np.asarray(tokens, np.int32))))
+
+
+def oc_tokens(strings, length=CONTEXT):
+  return open_clip.get_tokenizer("ViT-B-16")(strings, context_length=length).numpy()
+
+
+@pytest.fixture(scope="module", params=["openai", "gelu", "avgpool"])
+def imported(request, tmp_path_factory):
+  """(variant, model config, open_clip model, safetensors path, our converted directory)."""
+  cfg = tiny_config(request.param)
+  model = random_clip(cfg, seed=len(request.param))
+  root = tmp_path_factory.mktemp(request.param)
+  weights = str(root / "weights.safetensors")
+  safetensors.torch.save_file(model.state_dict(), weights)
+  out = str(root / "converted")
+  cli.import_open_clip(weights, cfg, out)
+  return request.param, cfg, model, weights, out
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length", [77, CONTEXT, 4])
+def test_tokenizer_equals_open_clip(length):
+  vocab = text_lib.get_vocabulary(config_lib.load_config(
+      "configs/cfg_demo.py", ["aug.txt.tokenizer=open_clip"]).aug.txt)
+  ours = np.asarray(text_lib.tokenize(vocab, STRINGS, length))
+  np.testing.assert_array_equal(ours, oc_tokens(STRINGS, length))
+  assert (ours[3] != 0).all() and ours[3, -1] == 49407  # truncated: end of text kept last
+
+
+def test_vocabulary_round_trip_and_zeroshot_tokenizer(imported):
+  from flip.evals import zeroshot  # pylint: disable=g-import-not-at-top
+  *_, out = imported
+  config = cli.flip_config_for(out)
+  assert config.aug.txt.tokenizer == "open_clip" and config.aug.txt.max_len == CONTEXT
+  np.testing.assert_array_equal(zeroshot.make_tokenizer(config)(STRINGS), oc_tokens(STRINGS))
+  vocab = text_lib.get_vocabulary(config.aug.txt)
+  assert vocab.decode(vocab.encode("A photo of a Dog!")) == "a photo of a dog !"
+  assert vocab.encode("a dog")[0] == 49406 and vocab.encode("a dog")[-1] == 49407
+
+
+# --- import -------------------------------------------------------------------------------------
+
+def test_import_matches_open_clip(imported):
+  _, _, model, _, out = imported
+  pixels, tokens = images(1), oc_tokens(STRINGS)
+  ref_img, ref_txt = oc_embeddings(model, pixels, tokens)
+  our_img, our_txt = our_embeddings(out, pixels, tokens)
+  np.testing.assert_allclose(our_img, ref_img, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(our_txt, ref_txt, atol=ATOL, rtol=0)
+
+
+def test_import_of_a_torch_bin_equals_the_safetensors_import(imported, tmp_path):
+  variant, cfg, model, _, out = imported
+  if variant != "openai":
+    pytest.skip("one variant is enough for the .bin reader")
+  path = str(tmp_path / "open_clip_pytorch_model.bin")
+  torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+  cli.import_open_clip(path, cfg, str(tmp_path / "from_bin"))
+  a, b = checkpoints.load_params_tree(out), checkpoints.load_params_tree(str(tmp_path / "from_bin"))
+  jax_tree_equal(a, b)
+
+
+def jax_tree_equal(a, b):
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  fa, fb = traverse_util.flatten_dict(a, sep="/"), traverse_util.flatten_dict(b, sep="/")
+  assert sorted(fa) == sorted(fb)
+  for key in fa:
+    np.testing.assert_array_equal(np.asarray(fa[key]), np.asarray(fb[key]), err_msg=key)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+def test_export_loads_strict_in_open_clip_and_round_trips(imported, tmp_path):
+  variant, _, model, weights, out = imported
+  dst = str(tmp_path / f"exported-{variant}.safetensors")
+  json_path = cli.export_open_clip(out, cli.flip_config_for(out), dst)
+  # Bit for bit the state dict we imported.
+  original = safetensors.numpy.load_file(weights)
+  exported = safetensors.numpy.load_file(dst)
+  assert sorted(exported) == sorted(original)
+  for key in original:
+    np.testing.assert_array_equal(exported[key], original[key].reshape(exported[key].shape),
+                                  err_msg=key)
+  # open_clip's own loader, strict.
+  open_clip.add_model_config(json_path)
+  loaded = open_clip.create_model(f"exported-{variant}", pretrained=dst).eval()
+  pixels, tokens = images(2), oc_tokens(STRINGS)
+  for ref, got in zip(oc_embeddings(model, pixels, tokens), oc_embeddings(loaded, pixels, tokens)):
+    np.testing.assert_array_equal(got, ref)
+  # import(export(x)) == x.
+  again = str(tmp_path / "again")
+  cli.import_open_clip(dst, json.load(open(json_path)), again)
+  jax_tree_equal(checkpoints.load_params_tree(again), checkpoints.load_params_tree(out))
+
+
+def test_export_of_a_flip_layout_model(tmp_path):
+  """Our FLIP layout (separate q/k/v, fixed sin-cos positions, class token without position,
+  patch bias, tanh GELU, first-token text pooling without padding mask) exported with class-token
+  pooling: open_clip loads it strict and computes our embeddings."""
+  from flip import builders  # pylint: disable=g-import-not-at-top
+  from flip.convert import flip_t5x  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("configs/cfg_flip_base.py:smoke",
+                                  ["model.model_img.pool=cls", "model.model_txt.vocab_size=300",
+                                   "aug.txt.max_len=8", "model.model_img.mask_ratio=0.0"])
+  task = builders.build_task(config)
+  variables = task.init_variables(jax.random.PRNGKey(3))
+  params = jax.tree.map(np.asarray, variables["params"])
+  flip_t5x.write_params_checkpoint(str(tmp_path / "ckpt"), params, variables["params_axes"])
+  dst = str(tmp_path / "flip-layout.safetensors")
+  json_path = cli.export_open_clip(str(tmp_path / "ckpt"), config, dst)
+  model_cfg = json.load(open(json_path))
+  loaded = open_clip.CLIP(**model_cfg).eval()
+  loaded.load_state_dict(safetensors.torch.load_file(dst), strict=True)
+  pixels = images(4, size=config.image_size)
+  tokens = np.random.default_rng(5).integers(1, 300, (4, 8)).astype(np.int32)
+  mean, std = (np.asarray(s, np.float32) for s in open_clip_arch.NORMALIZATIONS["imagenet"])
+  x = torch.from_numpy(((pixels / 255.0 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    ref_img = loaded.encode_image(x, normalize=True).numpy()
+    ref_txt = loaded.encode_text(torch.from_numpy(tokens.astype(np.int64)), normalize=True).numpy()
+  np.testing.assert_allclose(np.asarray(task.encode_image(params, pixels)), ref_img, atol=ATOL)
+  np.testing.assert_allclose(np.asarray(task.encode_text(params, tokens)), ref_txt, atol=ATOL)
+
+
+def test_export_refuses_what_open_clip_cannot_express():
+  config = config_lib.load_config("configs/cfg_flip_base.py:smoke")  # FLIP: pool avg_all
+  with pytest.raises(open_clip_arch.ArchError, match=r"^config\.model\.model_img\.pool='avg_all'"):
+    open_clip_arch.arch_from_flip_config(config)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+def _state(cfg):
+  return {k: v.numpy() for k, v in random_clip(cfg).state_dict().items()}
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda sd: sd.pop("visual.transformer.resblocks.1.attn.in_proj_bias"),
+     r"missing 1 key\(s\): visual\.transformer\.resblocks\.1\.attn\.in_proj_bias$"),
+    (lambda sd: sd.__setitem__("visual.head.weight", np.zeros(3, np.float32)),
+     r"1 key\(s\) the architecture has no place for: visual\.head\.weight$"),
+    (lambda sd: sd.__setitem__("text_projection", np.zeros((32, 25), np.float32)),
+     r"wrong shape: text_projection \(32, 25\) \(expected \(32, 24\)\)$"),
+])
+def test_bad_state_dicts_are_one_line_naming_the_key(edit, pattern):
+  cfg = tiny_config("openai")
+  state = _state(cfg)
+  edit(state)
+  with pytest.raises(open_clip_map.MappingError, match=pattern) as err:
+    open_clip_map.to_flip(state, open_clip_arch.parse_model_config(cfg))
+  assert "\n" not in str(err.value)
+
+
+def test_command_line_reports_one_line(tmp_path, capsys):
+  cfg = tiny_config("openai")
+  state = _state(cfg)
+  del state["ln_final.bias"]
+  src = str(tmp_path / "bad.safetensors")
+  safetensors.numpy.save_file(state, src)
+  cfg_path = tmp_path / "cfg.json"
+  cfg_path.write_text(json.dumps(cfg))
+  status = cli.main(["import", "--src", src, "--model-config", str(cfg_path), "--dst",
+                     str(tmp_path / "out")])
+  err = capsys.readouterr().err.strip()
+  assert status == 2 and "\n" not in err and "ln_final.bias" in err
+  assert not (tmp_path / "out").exists()
+  status = cli.main(["import", "--src", src, "--model", "coca_ViT-B-32", "--dst",
+                     str(tmp_path / "out")])
+  err = capsys.readouterr().err.strip()
+  assert status == 2 and "\n" not in err and "attentional_pool" in err
+
+
+@pytest.mark.parametrize("name,key", [("ViT-B-16", None), ("ViT-B-32-quickgelu", None),
+                                      ("ViT-M-16-alt", None), ("ViT-bigG-14", None),
+                                      ("RN50", "layers"), ("ViT-L-14-CLIPA", "hf_tokenizer_name"),
+                                      ("convnext_base", "timm_model_name"),
+                                      ("ViT-H-14-worldwide", "hf_tokenizer_name"),
+                                      ("roberta-ViT-B-32", "hf_model_name")])
+def test_open_clip_model_configs(name, key):
+  """open_clip's plain ViT configs map onto exactly the keys and shapes of open_clip's own state
+  dict (built on the meta device: no memory); others are refused naming the key."""
+  cfg = cli.read_model_config(name, None)
+  if key is not None:
+    with pytest.raises(open_clip_arch.ArchError, match=key):
+      open_clip_arch.parse_model_config(cfg, name)
+    return
+  arch = open_clip_arch.parse_model_config(cfg, name)
+  with torch.device("meta"):
+    model = open_clip.CLIP(**cfg)
+  expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  assert {e.oc_key: e.oc_shape for e in open_clip_map.entries(arch)} == expected
+  assert open_clip_arch.parse_model_config(open_clip_arch.open_clip_model_config(arch)) == arch
