@@ -14,6 +14,7 @@ GELU, LayerNorm eps 1e-6, sin-cos position table).
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -68,6 +69,19 @@ def random_clip(cfg, seed=0):
   return model
 
 
+def random_params(shapes, seed):
+  """Random values for every parameter of `shapes` (LayerNorm scales near 1, the rest small)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    if name.endswith("scale") and "logit" not in name:
+      return (1.0 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+    return (0.05 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, dict(shapes))
+
+
 def images(seed, n=4, size=32):
   return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
@@ -89,8 +103,8 @@ def our_embeddings(directory, uint8_images, tokens):
   config = cli.flip_config_for(directory)
   task = builders.build_task(config)
   params = checkpoints.load_params_tree(directory)
-  return (np.asarray(task.encode_image(params, uint8_images)),
-          np.asarray(task.encode_text(params, np.asarray(tokens, np.int32))))
+  return (np.asarray(jax.jit(task.encode_image)(params, uint8_images)),
+          np.asarray(jax.jit(task.encode_text)(params, np.asarray(tokens, np.int32))))
 
 
 def oc_tokens(strings, length=CONTEXT):
@@ -193,14 +207,13 @@ def test_export_of_a_flip_layout_model(tmp_path):
   pooling: open_clip loads it strict and computes our embeddings."""
   from flip import builders  # pylint: disable=g-import-not-at-top
   from flip.convert import flip_t5x  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config("configs/cfg_flip_base.py:smoke",
                                   ["model.model_img.pool=cls", "model.model_txt.vocab_size=300",
                                    "aug.txt.max_len=8", "model.model_img.mask_ratio=0.0"])
   task = builders.build_task(config)
-  variables = task.init_variables(jax.random.PRNGKey(3))
-  params = jax.tree.map(np.asarray, variables["params"])
-  flip_t5x.write_params_checkpoint(str(tmp_path / "ckpt"), params, variables["params_axes"])
+  _, shapes, axes = flip_t5x.model_and_shapes(config)
+  params = random_params(shapes, seed=3)
+  flip_t5x.write_params_checkpoint(str(tmp_path / "ckpt"), params, axes)
   dst = str(tmp_path / "flip-layout.safetensors")
   json_path = cli.export_open_clip(str(tmp_path / "ckpt"), config, dst)
   model_cfg = json.load(open(json_path))
@@ -213,8 +226,10 @@ def test_export_of_a_flip_layout_model(tmp_path):
   with torch.no_grad():
     ref_img = loaded.encode_image(x, normalize=True).numpy()
     ref_txt = loaded.encode_text(torch.from_numpy(tokens.astype(np.int64)), normalize=True).numpy()
-  np.testing.assert_allclose(np.asarray(task.encode_image(params, pixels)), ref_img, atol=ATOL)
-  np.testing.assert_allclose(np.asarray(task.encode_text(params, tokens)), ref_txt, atol=ATOL)
+  our_img = np.asarray(jax.jit(task.encode_image)(params, pixels))
+  our_txt = np.asarray(jax.jit(task.encode_text)(params, tokens))
+  np.testing.assert_allclose(our_img, ref_img, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(our_txt, ref_txt, atol=ATOL, rtol=0)
 
 
 def test_export_refuses_what_open_clip_cannot_express():
@@ -285,3 +300,62 @@ def test_open_clip_model_configs(name, key):
   expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
   assert {e.oc_key: e.oc_shape for e in open_clip_map.entries(arch)} == expected
   assert open_clip_arch.parse_model_config(open_clip_arch.open_clip_model_config(arch)) == arch
+
+
+# --- zero-shot in main.py's eval_only against open_clip's zero-shot classifier -----------------
+
+CLASSNAMES = ["golden retriever", "café au lait", "Ünïcode thing", "t-shirt", "airplane",
+              "the number 7", "tabby cat"]
+
+
+def write_image_folder(root, per_class=2):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  for c in range(len(CLASSNAMES)):
+    (root / f"class_{c}").mkdir(parents=True)
+    for i in range(per_class):
+      pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)  # resized and centre-cropped
+      (root / f"class_{c}" / f"{i}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+  (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n", encoding="utf-8")
+
+
+def test_zeroshot_of_the_imported_model_equals_open_clips(imported, tmp_path):
+  from flip.data import eval_sources  # pylint: disable=g-import-not-at-top
+  from flip.evals import eval_only  # pylint: disable=g-import-not-at-top
+  from flip.evals import zeroshot  # pylint: disable=g-import-not-at-top
+  variant, _, model, _, out = imported
+  if variant != "openai":
+    pytest.skip("the zero-shot path is the same for every variant")
+  folder = tmp_path / "images"
+  write_image_folder(folder)
+  config = config_lib.load_config(f"{cli.CONFIG_FILE}:{out}", [
+      f"eval_dataset={folder}", "evals.zeroshot.templates=templates_short",
+      "evals.zeroshot.batch_size=8"])
+  metrics = eval_only.run_eval_only(config, str(tmp_path / "workdir"))  # main.py's eval_only
+
+  # open_clip on the exact pixels our pipeline feeds the model.
+  source = eval_sources.classification_source(str(folder), "templates_short", "", 0)
+  examples = list(source.dataset(0, 1, config.image_size,
+                                 config.aug.eval_crop_fraction).as_numpy_iterator())
+  pixels = np.stack([e["image"] for e in examples])
+  labels = np.asarray([e["label"] for e in examples])
+  tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT)
+  with torch.no_grad():
+    weights = open_clip.build_zero_shot_classifier(model, tokenizer, source.classnames,
+                                                   source.templates, num_classes_per_batch=None)
+    ref_logits = (model.encode_image(torch_pixels(pixels), normalize=True) @ weights).numpy()
+  ranked = np.argsort(-ref_logits, axis=1)
+  name = f"zeroshot/{source.name}"
+  assert metrics[f"{name}/num_images"] == len(labels) == 2 * len(CLASSNAMES)
+  assert metrics[f"{name}/top1"] == np.mean(ranked[:, 0] == labels)
+  assert metrics[f"{name}/top5"] == np.mean((ranked[:, :5] == labels[:, None]).any(axis=1))
+
+  # Per image: our classifier (the evaluator's tokenizer and prompts) ranks like open_clip's.
+  prompts = zeroshot.class_prompts(source.classnames, source.templates)
+  our_img, our_txt = our_embeddings(out, pixels, zeroshot.make_tokenizer(config)(prompts))
+  ours = our_txt.reshape(len(CLASSNAMES), len(source.templates), -1).mean(axis=1)
+  ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+  our_logits = our_img @ ours.T
+  np.testing.assert_allclose(ours.T, weights.numpy(), atol=ATOL, rtol=0)
+  np.testing.assert_allclose(our_logits, ref_logits, atol=ATOL, rtol=0)
+  np.testing.assert_array_equal(np.argsort(-our_logits, axis=1)[:, :5], ranked[:, :5])
