@@ -111,17 +111,34 @@ def oc_tokens(strings, length=CONTEXT):
   return open_clip.get_tokenizer("ViT-B-16")(strings, context_length=length).numpy()
 
 
-@pytest.fixture(scope="module", params=["openai", "gelu", "avgpool"])
-def imported(request, tmp_path_factory):
-  """(variant, model config, open_clip model, safetensors path, our converted directory)."""
-  cfg = tiny_config(request.param)
-  model = random_clip(cfg, seed=len(request.param))
-  root = tmp_path_factory.mktemp(request.param)
-  weights = str(root / "weights.safetensors")
-  safetensors.torch.save_file(model.state_dict(), weights)
-  out = str(root / "converted")
-  cli.import_open_clip(weights, cfg, out)
-  return request.param, cfg, model, weights, out
+@pytest.fixture(scope="module")
+def imports(tmp_path_factory):
+  """variant -> (variant, model config, open_clip model, safetensors path, converted dir)."""
+  cache = {}
+
+  def get(variant):
+    if variant not in cache:
+      cfg = tiny_config(variant)
+      model = random_clip(cfg, seed=len(variant))
+      root = tmp_path_factory.mktemp(variant)
+      weights = str(root / "weights.safetensors")
+      safetensors.torch.save_file(model.state_dict(), weights)
+      out = str(root / "converted")
+      cli.import_open_clip(weights, cfg, out)
+      cache[variant] = (variant, cfg, model, weights, out)
+    return cache[variant]
+
+  return get
+
+
+@pytest.fixture(params=["openai", "gelu", "avgpool"])
+def imported(request, imports):
+  return imports(request.param)
+
+
+@pytest.fixture
+def openai_imported(imports):
+  return imports("openai")
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
@@ -135,9 +152,9 @@ def test_tokenizer_equals_open_clip(length):
   assert (ours[3] != 0).all() and ours[3, -1] == 49407  # truncated: end of text kept last
 
 
-def test_vocabulary_round_trip_and_zeroshot_tokenizer(imported):
+def test_vocabulary_round_trip_and_zeroshot_tokenizer(openai_imported):
   from flip.evals import zeroshot  # pylint: disable=g-import-not-at-top
-  *_, out = imported
+  *_, out = openai_imported
   config = cli.flip_config_for(out)
   assert config.aug.txt.tokenizer == "open_clip" and config.aug.txt.max_len == CONTEXT
   np.testing.assert_array_equal(zeroshot.make_tokenizer(config)(STRINGS), oc_tokens(STRINGS))
@@ -157,10 +174,8 @@ def test_import_matches_open_clip(imported):
   np.testing.assert_allclose(our_txt, ref_txt, atol=ATOL, rtol=0)
 
 
-def test_import_of_a_torch_bin_equals_the_safetensors_import(imported, tmp_path):
-  variant, cfg, model, _, out = imported
-  if variant != "openai":
-    pytest.skip("one variant is enough for the .bin reader")
+def test_import_of_a_torch_bin_equals_the_safetensors_import(openai_imported, tmp_path):
+  _, cfg, model, _, out = openai_imported
   path = str(tmp_path / "open_clip_pytorch_model.bin")
   torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
   cli.import_open_clip(path, cfg, str(tmp_path / "from_bin"))
@@ -319,13 +334,11 @@ def write_image_folder(root, per_class=2):
   (root / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n", encoding="utf-8")
 
 
-def test_zeroshot_of_the_imported_model_equals_open_clips(imported, tmp_path):
+def test_zeroshot_of_the_imported_model_equals_open_clips(openai_imported, tmp_path):
   from flip.data import eval_sources  # pylint: disable=g-import-not-at-top
   from flip.evals import eval_only  # pylint: disable=g-import-not-at-top
   from flip.evals import zeroshot  # pylint: disable=g-import-not-at-top
-  variant, _, model, _, out = imported
-  if variant != "openai":
-    pytest.skip("the zero-shot path is the same for every variant")
+  _, _, model, _, out = openai_imported
   folder = tmp_path / "images"
   write_image_folder(folder)
   config = config_lib.load_config(f"{cli.CONFIG_FILE}:{out}", [
