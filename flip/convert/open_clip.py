@@ -166,6 +166,7 @@ def import_open_clip(src: str, model_cfg: Mapping[str, Any], dst: str,
     with open(os.path.join(tmp, FLIP_CONFIG_FILE), "w") as f:
       json.dump(overrides, f, indent=1)
     config = flip_config_for(tmp)
+  config_lib.validate_config(config)  # what main.py checks before it runs
   _, shapes, axes = flip_t5x.model_and_shapes(config)
   _check_against_model(flat, shapes)
   params = traverse_util.unflatten_dict(flat, sep="/")
