@@ -152,6 +152,26 @@ def test_tokenizer_equals_open_clip(length):
   assert (ours[3] != 0).all() and ours[3, -1] == 49407  # truncated: end of text kept last
 
 
+def test_tokenizer_without_open_clip_is_one_config_error(monkeypatch):
+  from flip.data import clip_bpe  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(clip_bpe.importlib.util, "find_spec", lambda name: None)
+  clip_bpe._simple_tokenizer.cache_clear()  # pylint: disable=protected-access
+  try:
+    with pytest.raises(config_lib.ConfigError, match=r"openclip extra") as err:
+      clip_bpe.OpenClipVocabulary()
+    assert "\n" not in str(err.value)
+  finally:
+    clip_bpe._simple_tokenizer.cache_clear()  # pylint: disable=protected-access
+
+
+def test_tokenizer_module_loaded_alone_is_open_clips():
+  """The fallback for an open_clip whose package init cannot import torchvision."""
+  from flip.data import clip_bpe  # pylint: disable=g-import-not-at-top
+  alone = clip_bpe._tokenizer_module_alone(RuntimeError("test"))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(alone.SimpleTokenizer()(STRINGS, context_length=CONTEXT).numpy(),
+                                oc_tokens(STRINGS))
+
+
 def test_vocabulary_round_trip_and_zeroshot_tokenizer(openai_imported):
   from flip.evals import zeroshot  # pylint: disable=g-import-not-at-top
   *_, out = openai_imported

@@ -14,38 +14,61 @@ and tuned with the tokenizer it was trained with:
 * `decode` drops padding and the two special tokens.
 The TensorFlow functions run the Python tokenizer through `tf.numpy_function` (CPU, host side).
 
-open_clip is imported when the vocabulary is first used, never at module import; without it the
-error is one line saying to install the `openclip` extra.
+open_clip is imported when the vocabulary is built (so a missing package is reported before any
+parameter is read), never at module import; without it the error is a one-line `ConfigError`
+saying to install the `openclip` extra. open_clip's package `__init__` imports torchvision, which
+the tokenizer does not use; when that import fails with a RuntimeError (a torchvision build that
+does not match the installed torch: the registries serve only CUDA torchvision wheels for CPU
+torch 2.13), open_clip's `tokenizer.py` is loaded from the package folder on its own (it imports
+torch, ftfy and regex only) and the same `SimpleTokenizer` class is used.
 """
 
 import functools
+import importlib.util
+import os
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from flip import config as config_lib
+
 PAD_ID = 0  # open_clip pads with zeros
 INSTALL_HINT = "pip install '.[openclip]'"
 
 
-class OpenClipUnavailable(ImportError):
+class OpenClipUnavailable(config_lib.ConfigError):
   """open_clip cannot be imported; one line saying what to install."""
+
+
+def _tokenizer_module_alone(import_error: BaseException) -> Any:
+  """open_clip's tokenizer.py executed on its own, without the package `__init__`."""
+  spec = importlib.util.find_spec("open_clip")
+  path = os.path.join(list(spec.submodule_search_locations or [""])[0], "tokenizer.py")
+  if not os.path.isfile(path):
+    raise OpenClipUnavailable(f"config.aug.txt.tokenizer='open_clip': importing open_clip failed "
+                              f"({' '.join(str(import_error).split())}) and {path} is missing")
+  module_spec = importlib.util.spec_from_file_location("flip_open_clip_tokenizer", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
 
 
 @functools.lru_cache(maxsize=None)
 def _simple_tokenizer() -> Any:
   """open_clip's SimpleTokenizer on the BPE file inside the open_clip package (cached)."""
+  if importlib.util.find_spec("open_clip") is None:
+    raise OpenClipUnavailable(f"config.aug.txt.tokenizer='open_clip' needs the open_clip package: "
+                              f"install the openclip extra ({INSTALL_HINT})")
   try:
     from open_clip import tokenizer as oc_tokenizer  # pylint: disable=g-import-not-at-top
   except ImportError as err:
     raise OpenClipUnavailable(
-        f"config.aug.txt.tokenizer='open_clip' needs the open_clip package ({err}); install the "
+        f"config.aug.txt.tokenizer='open_clip': importing open_clip failed ({err}); install the "
         f"openclip extra: {INSTALL_HINT}") from None
-  except RuntimeError as err:  # e.g. a torchvision build that does not match the installed torch
-    raise OpenClipUnavailable(
-        f"config.aug.txt.tokenizer='open_clip': importing open_clip failed: "
-        f"{' '.join(str(err).split())} (torch and torchvision must be matching builds)") from None
+  except RuntimeError as err:  # torchvision not matching torch: see the module docstring
+    oc_tokenizer = _tokenizer_module_alone(err)
   return oc_tokenizer.SimpleTokenizer()
 
 
@@ -54,6 +77,7 @@ class OpenClipVocabulary(seqio.Vocabulary):
 
   def __init__(self):
     super().__init__(extra_ids=0)
+    _simple_tokenizer()  # a missing open_clip is reported now, not at the first text
 
   @property
   def tokenizer(self) -> Any:
