@@ -241,8 +241,11 @@ def main(argv=None) -> int:
       print(f"wrote {out}; evaluate with --config={os.path.relpath(CONFIG_FILE)}:{args.dst} "
             "--config.eval_only=True --config.eval_dataset=<images>")
     else:
-      out = export_open_clip(args.src, config_lib.load_config(args.config), args.dst)
-      print(f"wrote {args.dst} and {out} (open_clip.add_model_config('{out}'))")
+      config = config_lib.load_config(args.config)
+      out = export_open_clip(args.src, config, args.dst)
+      mean, std = arch_lib.preprocess_stats(arch_lib.arch_from_flip_config(config))
+      print(f"wrote {args.dst} and {out} (open_clip.add_model_config('{out}')); preprocess "
+            f"images with mean={mean} std={std}")
   except (ConversionError, arch_lib.ArchError, map_lib.MappingError, checkpoints.CheckpointError,
           config_lib.ConfigError) as err:
     print(f"flip.convert.open_clip: {str(err).splitlines()[0]}", file=sys.stderr)
