@@ -14,9 +14,9 @@ command line as usual.
 """
 
 import json
-import os
 
 from configs import default
+from flip import paths
 from flip.convert import open_clip_arch
 
 FLIP_CONFIG_FILE = "flip_config.json"  # flip.convert.open_clip.FLIP_CONFIG_FILE
@@ -44,11 +44,11 @@ def get_config(arg=None):
   if not arg or arg == "smoke":
     overrides = open_clip_arch.flip_overrides(open_clip_arch.parse_model_config(VIT_B_16))
     return default.apply_arg(apply_overrides(default.get_config(), overrides, "ViT-B-16"), arg)
-  path = os.path.join(arg, FLIP_CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = paths.join(arg, FLIP_CONFIG_FILE)  # local, or gs:// through tf.io.gfile
+  if not paths.exists(path):
     raise ValueError(f"{path} not found: is {arg} a directory written by "
                      "`python -m flip.convert.open_clip import`?")
-  with open(path) as f:
+  with paths.open_file(path, "r") as f:
     overrides = json.load(f)
   config = apply_overrides(default.get_config(), overrides, path)
   config.pretrain_dir = arg

@@ -181,6 +181,8 @@ def test_vocabulary_round_trip_and_zeroshot_tokenizer(openai_imported):
   vocab = text_lib.get_vocabulary(config.aug.txt)
   assert vocab.decode(vocab.encode("A photo of a Dog!")) == "a photo of a dog !"
   assert vocab.encode("a dog")[0] == 49406 and vocab.encode("a dog")[-1] == 49407
+  tokens = text_lib.tokenize(vocab, ["A photo of a Dog!", "x"], CONTEXT)  # the TensorFlow side
+  assert vocab.decode_tf(tokens).numpy().tolist() == [b"a photo of a dog !", b"x"]
 
 
 # --- import -------------------------------------------------------------------------------------
