@@ -317,6 +317,27 @@ def test_command_line_reports_one_line(tmp_path, capsys):
   assert status == 2 and "\n" not in err and "attentional_pool" in err
 
 
+def test_import_of_an_open_clip_local_dir(openai_imported, tmp_path):
+  """open_clip's local-dir / Hugging Face layout: open_clip_config.json (model_cfg and
+  preprocess_cfg) beside open_clip_model.safetensors."""
+  _, cfg, _, weights, out = openai_imported
+  snapshot = tmp_path / "snapshot"
+  snapshot.mkdir()
+  (snapshot / "open_clip_model.safetensors").write_bytes(open(weights, "rb").read())
+  (snapshot / "open_clip_config.json").write_text(json.dumps({
+      "model_cfg": cfg, "preprocess_cfg": {"mean": list(open_clip_arch.OPENAI_MEAN),
+                                           "std": list(open_clip_arch.OPENAI_STD)}}))
+  assert cli.main(["import", "--src", str(snapshot), "--dst", str(tmp_path / "out")]) == 0
+  jax_tree_equal(checkpoints.load_params_tree(str(tmp_path / "out")),
+                 checkpoints.load_params_tree(out))
+  (snapshot / "open_clip_config.json").write_text(json.dumps({
+      "model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+  with pytest.raises(open_clip_arch.ArchError, match=r"preprocess_cfg\.mean/std"):
+    cli.import_open_clip(str(snapshot / "open_clip_model.safetensors"),
+                         json.loads((snapshot / "open_clip_config.json").read_text()),
+                         str(tmp_path / "out2"))
+
+
 @pytest.mark.parametrize("name,key", [("ViT-B-16", None), ("ViT-B-32-quickgelu", None),
                                       ("ViT-M-16-alt", None), ("ViT-bigG-14", None),
                                       ("RN50", "layers"), ("ViT-L-14-CLIPA", "hf_tokenizer_name"),

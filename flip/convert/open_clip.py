@@ -3,6 +3,9 @@
     python -m flip.convert.open_clip import --src <weights .safetensors | .bin | .pt> \
         (--model <open_clip model name, e.g. ViT-B-16> | --model-config <model config JSON>) \
         --dst <new dir>
+    python -m flip.convert.open_clip import --src <open_clip local dir / Hugging Face snapshot: \
+        open_clip_config.json + open_clip_model.safetensors (or open_clip_pytorch_model.bin)> \
+        --dst <new dir>
     python main.py --workdir=$WD --config=configs/cfg_open_clip.py:<dir> --config.eval_only=True \
         --config.eval_dataset=<image folder or tfds name>
 
@@ -33,7 +36,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -48,6 +51,9 @@ OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "cfg_open_clip.py")
 SAFETENSORS = ".safetensors"
+# The weight files open_clip's `local-dir:` / hf-hub loading looks for, in its order of preference.
+DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+               "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 INSTALL_HINT = "pip install '.[openclip]'"
 
@@ -131,6 +137,26 @@ def read_model_config(model: Optional[str], model_config: Optional[str]) -> Dict
       return json.load(f)
     except json.JSONDecodeError as err:
       raise ConversionError(f"{path}: not JSON ({err})") from None
+
+
+def resolve_source(src: str, model: Optional[str],
+                   model_config: Optional[str]) -> Tuple[str, Dict[str, Any], str]:
+  """(weights file, model config, where it came from) of `--src` and the model flags; a
+  directory is open_clip's local-dir layout (its open_clip_config.json unless a flag names one)."""
+  if paths.exists(src) and paths.isdir(src):
+    found = [name for name in DIR_WEIGHTS if paths.exists(paths.join(src, name))]
+    if not found:
+      raise ConversionError(f"--src {src} is a directory without open_clip weights "
+                            f"({', '.join(DIR_WEIGHTS)})")
+    weights = paths.join(src, found[0])
+    if not model and not model_config:
+      model_config = paths.join(src, OPEN_CLIP_CONFIG_FILE)
+      if not paths.exists(model_config):
+        raise ConversionError(f"--src {src} has no {OPEN_CLIP_CONFIG_FILE}: pass --model or "
+                              "--model-config")
+    src = weights
+  where = f"--model {model}" if model else f"{model_config}"
+  return src, read_model_config(model, model_config), where
 
 
 # --- import -------------------------------------------------------------------------------------
@@ -217,7 +243,8 @@ def _parser() -> argparse.ArgumentParser:
                                    description="open_clip CLIP weights in and out.")
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="open_clip state dict -> our pretrain_dir")
-  imp.add_argument("--src", required=True, help=".safetensors, or .bin/.pt (weights only)")
+  imp.add_argument("--src", required=True, help=".safetensors, or .bin/.pt (weights only), or "
+                   "an open_clip local dir / Hugging Face snapshot")
   imp.add_argument("--model", help="open_clip model name (its model_configs/<name>.json)")
   imp.add_argument("--model-config", dest="model_config", help="open_clip model config JSON")
   imp.add_argument("--dst", required=True, help="new directory")
@@ -235,9 +262,8 @@ def main(argv=None) -> int:
   process_setup.configure_process()
   try:
     if args.command == "import":
-      where = f"--model {args.model}" if args.model else f"--model-config {args.model_config}"
-      out = import_open_clip(args.src, read_model_config(args.model, args.model_config),
-                             args.dst, where)
+      src, model_cfg, where = resolve_source(args.src, args.model, args.model_config)
+      out = import_open_clip(src, model_cfg, args.dst, where)
       print(f"wrote {out}; evaluate with --config={os.path.relpath(CONFIG_FILE)}:{args.dst} "
             "--config.eval_only=True --config.eval_dataset=<images>")
     else:
