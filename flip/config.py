@@ -169,13 +169,13 @@ _CHOICES = {
     "opt_type": ("adamw", "sgd", "lars"),
     "opt_mu_dtype": ("float32", "bfloat16"),
     "dtype": ("float32", "bfloat16", "float16"),
-    "aug.txt.tokenizer": ("tf_bert", "sentencepiece", "byte"),
+    "aug.txt.tokenizer": ("tf_bert", "sentencepiece", "byte", "open_clip"),
     "model.clr.loss": ("softmax", "sigmoid"),
     "model.model_img.pool": ("avg", "avg_all", "cls"),
-    "model.model_img.transformer.gelu": ("exact", "tanh"),
+    "model.model_img.transformer.gelu": ("exact", "tanh", "quick"),
     "model.model_img.transformer.qkv_layout": ("separate", "fused"),
-    "model.model_txt.pool": ("first", "avg"),
-    "model.model_txt.transformer.gelu": ("exact", "tanh"),
+    "model.model_txt.pool": ("first", "avg", "eot"),
+    "model.model_txt.transformer.gelu": ("exact", "tanh", "quick"),
     "model.model_txt.transformer.qkv_layout": ("separate", "fused"),
 }
 # remat_policy takes any name, as in FLIP: "none", "minimal", and every other name = full remat.

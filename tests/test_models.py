@@ -120,13 +120,14 @@ def abstract_forward(config):
 
 
 def analytic_vit_params(patch, width, depth, mlp_dim, channels=3, learned_posemb_tokens=0,
-                        cls_token=False):
+                        cls_token=False, patch_bias=True, ln_pre=False):
   """Parameters of a pre-norm ViT encoder without head, counted from its definition."""
-  patch_embedding = patch * patch * channels * width + width
+  patch_embedding = patch * patch * channels * width + (width if patch_bias else 0)
   attention = width * 3 * width + 3 * width + width * width + width  # fused qkv + output
   mlp = width * mlp_dim + mlp_dim + mlp_dim * width + width
   block = 2 * 2 * width + attention + mlp  # two LayerNorms
   extras = learned_posemb_tokens * width + (width if cls_token else 0)
+  extras += 2 * width if ln_pre else 0
   return patch_embedding + depth * block + 2 * width + extras  # final LayerNorm
 
 
@@ -167,9 +168,11 @@ def test_image_encoder_parameter_count(name):
   _, variables = abstract_forward(config)
   measured = count(variables["params"]["img_encoder"])
   grid = config.image_size // patch
+  learned = 0 if img.sincos else grid * grid + (1 if img.get("cls_posemb", False) else 0)
   expected = analytic_vit_params(
       patch, img.hidden_size, img.transformer.num_layers, img.transformer.mlp_dim,
-      learned_posemb_tokens=0 if img.sincos else grid * grid, cls_token=img.use_cls_token)
+      learned_posemb_tokens=learned, cls_token=img.use_cls_token,
+      patch_bias=img.get("patch_bias", True), ln_pre=img.get("ln_pre", False))
   assert measured == expected
   known = KNOWN_VIT_PARAMS.get((patch, img.hidden_size, img.transformer.num_layers))
   if known is not None:

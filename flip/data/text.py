@@ -8,6 +8,8 @@ This module owns how captions and prompts become token ids:
   prepended; FLIP's configs keep it off). "a photo of a dog" -> [1037, 6302, 1997, 1037, 3899].
 * SentencePiece (`seqio.SentencePieceVocabulary` on a user model file) and bytes
   (`seqio.ByteVocabulary`), both with pad id 0 like the BERT vocabulary.
+* `open_clip`: CLIP's BPE through open_clip's own tokenizer (`flip.data.clip_bpe`; start and end
+  of text around every text, pad 0, truncation keeping end of text last, as open_clip does).
 * `tokenize(vocab, strings, max_len)`: int32 [N, max_len], truncated at max_len and padded with the
   vocabulary's pad id (0). It is the one function both the input pipeline (inside tf.data) and the
   zero-shot evaluator (eagerly, on prompt strings) call, so text preprocessing cannot drift between
@@ -16,7 +18,8 @@ This module owns how captions and prompts become token ids:
 Decisions where the design docs are silent:
 * `vocab_size` of the BERT vocabulary is the file's 30522 entries; the text tower's embedding table
   has 30523 rows (FLIP's 30522 + 1), which leaves one spare id and changes nothing here.
-* No EOS is appended by any vocabulary (FLIP's text features are the first token's).
+* No EOS is appended by the BERT, SentencePiece and byte vocabularies (FLIP's text features are
+  the first token's); the open_clip vocabulary adds its start and end of text, as open_clip does.
 * The tensorflow-text tokenizer and its lookup table are built lazily, outside any function graph,
   and dropped when pickled (gin deep-copies configurables' arguments).
 """
@@ -31,11 +34,14 @@ import seqio
 import tensorflow as tf
 import tensorflow_text as tf_text
 
+from flip.data import clip_bpe
+
 # Tokenizer names accepted in `config.aug.txt.tokenizer`.
 TOKENIZER_BERT = "tf_bert"
 TOKENIZER_SENTENCEPIECE = "sentencepiece"
 TOKENIZER_BYTE = "byte"
-TOKENIZERS = (TOKENIZER_BERT, TOKENIZER_SENTENCEPIECE, TOKENIZER_BYTE)
+TOKENIZER_OPEN_CLIP = "open_clip"
+TOKENIZERS = (TOKENIZER_BERT, TOKENIZER_SENTENCEPIECE, TOKENIZER_BYTE, TOKENIZER_OPEN_CLIP)
 
 # BERT-base uncased special tokens (the vocabulary file: [PAD]=0, [UNK]=100, [CLS]=101).
 BERT_VOCAB_ASSET = "assets/bert_uncased_vocab.txt"
@@ -171,6 +177,8 @@ def _cached_vocabulary(tokenizer: str, cls_token: bool, spm_path: str) -> seqio.
     return seqio.SentencePieceVocabulary(spm_path)
   if tokenizer == TOKENIZER_BYTE:
     return seqio.ByteVocabulary()
+  if tokenizer == TOKENIZER_OPEN_CLIP:
+    return clip_bpe.OpenClipVocabulary()
   raise ValueError(f"config.aug.txt.tokenizer={tokenizer!r} is not one of {TOKENIZERS}")
 
 
@@ -210,5 +218,7 @@ def tokenize(vocab: seqio.Vocabulary, strings: Union[tf.Tensor, Sequence[str], s
   elif strings.shape.rank != 1:
     raise ValueError("tokenize: expected a scalar or rank-1 string tensor, got shape "
                      f"{strings.shape}")
+  if isinstance(vocab, clip_bpe.OpenClipVocabulary):
+    return vocab.tokenize_tf(strings, max_len)  # truncation keeps end of text last
   ids = _encode_ragged(vocab, strings)
   return ids.to_tensor(default_value=vocab.pad_id, shape=[None, max_len])
