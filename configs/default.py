@@ -69,7 +69,7 @@ def get_config(arg=None):
   # 1.0 is FLIP's (eval_pad = 0) and CLIP/open_clip's zero-shot preprocessing.
   config.aug.eval_crop_fraction = 1.0
   config.aug.txt = ml_collections.ConfigDict()
-  config.aug.txt.tokenizer = "tf_bert"  # tf_bert | sentencepiece | byte
+  config.aug.txt.tokenizer = "tf_bert"  # tf_bert | sentencepiece | byte | open_clip
   config.aug.txt.max_len = 32
   config.aug.txt.cls_token = False
   config.aug.txt.spm_path = ""  # ours: SentencePiece model file for tokenizer=sentencepiece
