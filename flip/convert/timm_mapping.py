@@ -219,6 +219,33 @@ def _pairs(layout: VitLayout):
   return out
 
 
+def timm_shapes(layout: VitLayout) -> Dict[str, Tuple[int, ...]]:
+  """The shape of every timm tensor of a layout (pos_embed only for a learned table)."""
+  d, m, (ph, pw) = layout.width, layout.mlp_dim, layout.patch
+  shapes = {"patch_embed.proj.weight": (d, layout.channels, ph, pw)}
+  vectors = ["patch_embed.proj.bias"] if layout.patch_bias else []
+  if layout.cls_token:
+    shapes["cls_token"] = (1, 1, d)
+  if not layout.sincos:
+    shapes["pos_embed"] = (1, layout.grid[0] * layout.grid[1] + int(layout.cls_posemb), d)
+  if layout.ln_pre:
+    vectors += ["norm_pre.weight", "norm_pre.bias"]
+  for n in range(layout.depth):
+    b = f"blocks.{n}."
+    vectors += [b + name for name in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
+                                      "attn.proj.bias", "mlp.fc2.bias")]
+    vectors += [b + "ls1.gamma", b + "ls2.gamma"] if layout.layer_scale else []
+    shapes.update({b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
+                   b + "attn.proj.weight": (d, d), b + "mlp.fc1.weight": (m, d),
+                   b + "mlp.fc1.bias": (m,), b + "mlp.fc2.weight": (d, m)})
+  norm = "fc_norm" if layout.pooled_norm else "norm"
+  vectors += [f"{norm}.weight", f"{norm}.bias"]
+  shapes.update({key: (d,) for key in vectors})
+  if layout.num_classes:
+    shapes.update({"head.weight": (layout.num_classes, d), "head.bias": (layout.num_classes,)})
+  return shapes
+
+
 def _attention_to_ours(sd: Mapping[str, Array], n: int, layout: VitLayout) -> Dict[str, Array]:
   d, h, k = layout.width, layout.num_heads, layout.head_dim
   prefix, attn = f"blocks.{n}.attn.", f"{BLOCK.format(n)}/{_ATTN}"
@@ -268,6 +295,12 @@ def timm_to_ours(sd: Mapping[str, Array], layout: VitLayout
   if layout.sincos:
     expected.add("pos_embed")  # checked by layout_from_timm, recomputed by the model
   _check_keys(set(sd), expected, "tensor of the state dict")
+  misshaped = [f"{key} {tuple(np.shape(sd[key]))} vs {shape}"
+               for key, shape in sorted(timm_shapes(layout).items())
+               if tuple(np.shape(sd[key])) != shape]
+  if misshaped:
+    raise MappingError(f"{len(misshaped)} tensors have the wrong shape for the layout read off "
+                       f"patch_embed, blocks.0 and pos_embed (e.g. {'; '.join(misshaped[:3])})")
   encoder = {ours: to_ours(np.asarray(sd[theirs])) for ours, theirs, to_ours, _ in _pairs(layout)}
   for n in range(layout.depth):
     encoder.update(_attention_to_ours(sd, n, layout))

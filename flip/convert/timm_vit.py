@@ -253,7 +253,7 @@ def export_params(params: Mapping[str, Any], image_size: Optional[int], with_hea
     sd = timm_mapping.ours_to_timm(encoder, head, layout)
   except (timm_mapping.MappingError, posemb_lib.PosembError) as err:
     raise ConversionError(str(err)) from None
-  return {k: np.asarray(v, np.float32) for k, v in sd.items()}, layout
+  return {k: np.array(v, np.float32) for k, v in sd.items()}, layout
 
 
 def run_export(src: str, dst: str, fmt: str = "timm", model: Optional[str] = None,

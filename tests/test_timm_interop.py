@@ -1,0 +1,291 @@
+"""timm / MAE interop: timm ViTs built here with random weights (no downloads) against our tower.
+
+- import: timm's forward_features / forward_head(pre_logits) / logits equal ours within 1e-5 for
+  MAE's style (class token, token pool, fixed sin-cos table), the global-average style (fc_norm,
+  learned table, LayerScale) and CLIP's pre-norm style;
+- export: our encoder -> timm.create_model(..., **kwargs).load_state_dict(strict=True) -> the same
+  features; MAE's fine-tuning load (`torch.load(path)['model']`, strict=False, only head and
+  fc_norm missing); export then import is the identity;
+- position tables resampled as timm does, and an import at another image size runs like timm's
+  own resampled model;
+- a missing, extra or mis-shaped tensor is one line naming it.
+"""
+
+import json
+
+import flax
+from flax import traverse_util
+import jax
+import numpy as np
+import pytest
+import timm
+from timm.layers import resample_abs_pos_embed
+import torch
+
+from flip import checkpoints
+from flip.convert import flip_t5x
+from flip.convert import timm_mapping
+from flip.convert import timm_vit
+from flip.models import classifier as classifier_lib
+from flip.models import posemb
+from flip.models import vit as vit_lib
+from flip.tasks import common
+
+ATOL = 1e-5
+IMG, PATCH, WIDTH, DEPTH, HEADS, CLASSES = 32, 8, 48, 2, 3, 5
+NAMED = timm_vit.NamedModel(num_heads=HEADS, gelu="exact", layernorm_epsilon=1e-6)
+TIMM_NAME = "vit_tiny_patch16_224"  # any registered ViT name: the kwargs set every size
+
+STYLES = {
+    "mae_token": dict(global_pool="token", fc_norm=False, class_token=True),
+    "avg_fc_norm_layerscale": dict(global_pool="avg", fc_norm=True, init_values=0.1),
+    "clip_pre_norm": dict(global_pool="token", pre_norm=True, class_token=True),
+    "no_embed_class": dict(global_pool="avg", fc_norm=True, no_embed_class=True),
+}
+
+
+def mae_sincos(width: int, grid: int) -> np.ndarray:
+  """MAE's util/pos_embed.get_2d_sincos_pos_embed(width, grid, cls_token=True), float64 numpy."""
+  def one_d(dim, pos):
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  grid_w, grid_h = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+  emb = np.concatenate([one_d(width // 2, grid_w), one_d(width // 2, grid_h)], axis=1)
+  return np.concatenate([np.zeros([1, width]), emb], axis=0)
+
+
+def timm_vit_model(img=IMG, seed=0, sincos_posemb=False, **kwargs):
+  """A tiny timm VisionTransformer with every tensor random (biases, norms, gammas included)."""
+  torch.manual_seed(seed)
+  model = timm.models.vision_transformer.VisionTransformer(
+      img_size=img, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+      num_classes=CLASSES, **kwargs).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.5 if p.ndim == 1 else 0.2) + (1.0 if "norm" in name
+                                                                      and "weight" in name else 0))
+    if sincos_posemb:
+      model.pos_embed.copy_(torch.from_numpy(mae_sincos(WIDTH, img // PATCH)[None]).float())
+  return model
+
+
+def state_dict_np(model):
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def images(img=IMG, batch=2, seed=0):
+  return np.random.RandomState(seed).randint(0, 256, (batch, img, img, 3)).astype(np.uint8)
+
+
+def timm_outputs(model, pixels):
+  """forward_features, forward_head(pre_logits=True) and logits of our pixel normalisation."""
+  mean, std = np.asarray(vit_lib.IMAGENET_MEAN_RGB), np.asarray(vit_lib.IMAGENET_STD_RGB)
+  x = ((pixels.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
+  x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  with torch.no_grad():
+    tokens = model.forward_features(x)
+    pooled = model.forward_head(tokens, pre_logits=True)
+    logits = model.forward_head(tokens)
+  return tokens.numpy(), pooled.numpy(), logits.numpy()
+
+
+def our_outputs(params, fields, pixels):
+  model = classifier_lib.ViTClassifier(img=dict(fields), num_classes=CLASSES)
+  encoded = vit_lib.VisionTransformer(**fields).apply({"params": params["img_encoder"]}, pixels,
+                                                      train=False)
+  logits = model.apply({"params": params}, pixels, train=False) if "head" in params else None
+  return np.asarray(encoded["tokens"]), np.asarray(encoded["pooled"]), logits
+
+
+def max_diff(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_import_matches_timm_features_pooled_and_logits(style):
+  model = timm_vit_model(**STYLES[style])
+  params, _, fields, size = timm_vit.import_state_dict(state_dict_np(model), NAMED)
+  assert size == IMG
+  pixels = images()
+  tokens, pooled, logits = timm_outputs(model, pixels)
+  ours = our_outputs(params, fields, pixels)
+  assert max_diff(ours[0], tokens) < ATOL and max_diff(ours[1], pooled) < ATOL
+  assert max_diff(ours[2], logits) < ATOL
+
+
+def test_mae_sincos_table_is_imported_as_our_fixed_table():
+  model = timm_vit_model(sincos_posemb=True, **STYLES["mae_token"])
+  params, _, fields, _ = timm_vit.import_state_dict(state_dict_np(model), NAMED)
+  assert fields["sincos"] and not fields["cls_posemb"]
+  assert "pos_embedding" not in params["img_encoder"]
+  pixels = images()
+  tokens, pooled, logits = timm_outputs(model, pixels)
+  ours = our_outputs(params, fields, pixels)
+  assert max_diff(ours[0], tokens) < ATOL and max_diff(ours[2], logits) < ATOL
+  # The same file taken as a learned table: the class row is kept in the table.
+  learned, _, fields, _ = timm_vit.import_state_dict(state_dict_np(model), NAMED, posemb="learned")
+  assert not fields["sincos"] and fields["cls_posemb"]
+  assert learned["img_encoder"]["pos_embedding"].shape == (1, 1 + (IMG // PATCH) ** 2, WIDTH)
+  with pytest.raises(timm_vit.ConversionError, match="not the fixed 2-D sin-cos table"):
+    timm_vit.import_state_dict(state_dict_np(timm_vit_model(**STYLES["mae_token"])), NAMED,
+                               posemb="sincos")
+
+
+@pytest.mark.parametrize("old,new,prefix", [((4, 4), (7, 7), 1), ((14, 14), (24, 24), 1),
+                                            ((16, 16), (7, 7), 0), ((8, 8), (3, 5), 1)])
+def test_resample_equals_timm(old, new, prefix):
+  table = np.random.RandomState(0).normal(size=(1, prefix + old[0] * old[1], 16)).astype(
+      np.float32)
+  expected = resample_abs_pos_embed(torch.from_numpy(table), list(new), old_size=list(old),
+                                    num_prefix_tokens=prefix).numpy()
+  got = posemb.resample(table, new, prefix, old)
+  assert got.shape == expected.shape and max_diff(got, expected) < ATOL
+  np.testing.assert_array_equal(got[:, :prefix], table[:, :prefix])
+
+
+def test_import_at_another_image_size_runs_like_timms_resampled_model():
+  model = timm_vit_model(**STYLES["avg_fc_norm_layerscale"])
+  params, _, fields, size = timm_vit.import_state_dict(state_dict_np(model), NAMED, image_size=48)
+  assert size == 48
+  big = timm_vit_model(img=48, **STYLES["avg_fc_norm_layerscale"])
+  sd = model.state_dict()
+  sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], [6, 6], num_prefix_tokens=1)
+  big.load_state_dict(sd, strict=True)
+  pixels = images(48)
+  tokens, pooled, logits = timm_outputs(big, pixels)
+  ours = our_outputs(params, fields, pixels)
+  assert max_diff(ours[0], tokens) < ATOL and max_diff(ours[2], logits) < ATOL
+
+
+def random_params(fields, seed=0, head=True):
+  model = classifier_lib.ViTClassifier(img=dict(fields), num_classes=CLASSES)
+  variables = model.init(jax.random.PRNGKey(seed), images(), train=False)
+  rng = np.random.RandomState(seed)
+  params = jax.tree.map(lambda x: (rng.normal(size=x.shape) * 0.2 + (x == 1)).astype(np.float32),
+                        flax.core.unfreeze(variables["params"]))
+  if not head:
+    params.pop("head")
+  return params, flax.core.unfreeze(variables["params_axes"])
+
+
+OUR_ENCODERS = {
+    "mae_encoder": dict(sincos=True, use_cls_token=True, pool="cls"),
+    "learned_fc_norm_layerscale": dict(sincos=False, use_cls_token=True, cls_posemb=True,
+                                       pool="avg", pooled_norm=True, layer_scale_init=0.1),
+    "flip_separate_no_cls": dict(sincos=True, use_cls_token=False, pool="avg",
+                                 qkv_layout="separate"),
+}
+
+
+def our_fields(**kwargs):
+  return dict(num_layers=DEPTH, num_heads=HEADS, mlp_dim=4 * WIDTH, patch_size=(PATCH, PATCH),
+              hidden_size=WIDTH, gelu="exact", **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(OUR_ENCODERS))
+def test_export_loads_strictly_into_timm_with_the_same_features(name):
+  fields = our_fields(**OUR_ENCODERS[name])
+  params, _ = random_params(fields)
+  sd, layout = timm_vit.export_params(params, IMG)
+  kwargs = timm_mapping.timm_kwargs(layout, fields["pool"])
+  model = timm.create_model(TIMM_NAME, pretrained=False, **kwargs).eval()
+  result = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  assert not result.missing_keys and not result.unexpected_keys
+  pixels = images()
+  tokens, pooled, logits = timm_outputs(model, pixels)
+  ours = our_outputs(params, fields, pixels)
+  assert max_diff(ours[0], tokens) < ATOL and max_diff(ours[1], pooled) < ATOL
+  assert max_diff(ours[2], logits) < ATOL
+  # Export then import is the identity, exactly.
+  qkv = fields.get("qkv_layout", "fused")
+  back, _, back_fields, _ = timm_vit.import_state_dict(
+      sd, NAMED, posemb="sincos" if fields["sincos"] else "learned",
+      global_pool={"cls": "token", "avg": "avg"}[fields["pool"]], qkv_layout=qkv)
+  flat, flat_back = (traverse_util.flatten_dict(t, sep="/") for t in (params, back))
+  assert set(flat) == set(flat_back)
+  for key, value in flat.items():
+    np.testing.assert_array_equal(flat_back[key], value, err_msg=key)
+  for key in ("sincos", "use_cls_token", "pool", "pooled_norm", "cls_posemb"):
+    assert back_fields[key] == fields.get(key, back_fields[key]), key
+
+
+def test_mae_export_is_what_maes_finetuning_loads_and_files_round_trip(tmp_path):
+  fields = our_fields(**OUR_ENCODERS["mae_encoder"])
+  params, axes = random_params(fields, head=False)
+  axes.pop("head")
+  flip_t5x.write_params_checkpoint(str(tmp_path / "ours"), params, axes)
+  out = timm_vit.run_export(str(tmp_path / "ours"), str(tmp_path / "mae"), fmt="mae",
+                            image_size=IMG)
+  loaded = torch.load(out, map_location="cpu", weights_only=True)["model"]
+  # MAE's models_vit.VisionTransformer(global_pool=True) is timm's ViT with fc_norm and no norm;
+  # main_finetune.py loads with strict=False and asserts only the head and fc_norm are missing.
+  model = timm.create_model(TIMM_NAME, pretrained=False, img_size=IMG, patch_size=PATCH,
+                            embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
+                            global_pool="avg", fc_norm=True)
+  result = model.load_state_dict(loaded, strict=False)
+  assert set(result.missing_keys) == {"head.weight", "head.bias", "fc_norm.weight",
+                                      "fc_norm.bias"}
+  assert set(result.unexpected_keys) == {"norm.weight", "norm.bias"}
+  np.testing.assert_allclose(loaded["pos_embed"].numpy()[0], mae_sincos(WIDTH, IMG // PATCH),
+                             atol=ATOL)
+  # The .pth imports back through the command's reader, into the same parameters.
+  back_dir = tmp_path / "back"
+  timm_vit.run_import(out, str(back_dir), None, num_heads=HEADS)
+  back = checkpoints.load_params_tree(str(back_dir))
+  for key, value in traverse_util.flatten_dict(params, sep="/").items():
+    np.testing.assert_array_equal(traverse_util.flatten_dict(back, sep="/")[key], value,
+                                  err_msg=key)
+  sidecar = json.loads((back_dir / timm_vit.SIDECAR).read_text())
+  assert sidecar["config_overrides"]["model.model_img.sincos"] is True
+  # The written checkpoint is a pretrain_dir for the encoder subset the tasks load.
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  loaded_subset = common.load_modules(str(back_dir), shapes, required=(common.ENCODER,))
+  assert set(loaded_subset) == {common.ENCODER}
+
+
+def test_timm_export_files_load_with_their_kwargs(tmp_path):
+  fields = our_fields(**OUR_ENCODERS["learned_fc_norm_layerscale"])
+  params, axes = random_params(fields)
+  flip_t5x.write_params_checkpoint(str(tmp_path / "ours"), params, axes)
+  out = timm_vit.run_export(str(tmp_path / "ours"), str(tmp_path / "timm"), model=TIMM_NAME)
+  spec = json.loads((tmp_path / "timm" / timm_vit.KWARGS_FILE).read_text())
+  model = timm.create_model(spec["model"], pretrained=False, **spec["kwargs"])
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  model.load_state_dict(load_file(out), strict=True)
+  with pytest.raises(timm_vit.ConversionError, match="is not empty"):
+    timm_vit.run_export(str(tmp_path / "ours"), str(tmp_path / "timm"))
+
+
+@pytest.mark.parametrize("edit,match", [
+    ("missing", "missing 1 .*blocks.1.norm2.weight"),
+    ("extra", "have no place .*blocks.0.attn.q_norm.weight"),
+    ("shape", r"blocks.1.mlp.fc1.bias \(100,\) vs \(192,\)"),
+    ("heads", "not divisible by 5 heads"),
+])
+def test_bad_state_dicts_are_one_line_naming_the_key(edit, match):
+  sd = state_dict_np(timm_vit_model(**STYLES["mae_token"]))
+  named = NAMED
+  if edit == "missing":
+    del sd["blocks.1.norm2.weight"]
+  elif edit == "extra":
+    sd["blocks.0.attn.q_norm.weight"] = np.ones(WIDTH // HEADS, np.float32)
+  elif edit == "shape":
+    sd["blocks.1.mlp.fc1.bias"] = np.zeros(100, np.float32)
+  else:
+    named = timm_vit.NamedModel(5, "exact", 1e-6)
+  with pytest.raises(timm_vit.ConversionError, match=match) as err:
+    timm_vit.import_state_dict(sd, named)
+  assert "\n" not in str(err.value)
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+  (tmp_path / "weights.txt").write_text("x")
+  with pytest.raises(SystemExit) as exit_info:
+    timm_vit.main(["import", "--src", str(tmp_path / "weights.txt"), "--dst", str(tmp_path / "o"),
+                   "--model", "vit_base_patch16_224.mae"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert "weights.txt: expected .safetensors" in err and "\n" not in err
+  assert timm_vit.parse_model_name("vit_large_patch14_clip_quickgelu_224.openai") == \
+      timm_vit.NamedModel(16, "quick", 1e-5)
