@@ -2,9 +2,10 @@
 
     python -m flip.convert.timm_vit import --src=<state dict> --model=<timm name> --dst=<new dir>
         [--image_size=N] [--posemb=auto|sincos|learned] [--global_pool=token|avg]
-        [--qkv_layout=fused|separate] [--num_heads=H]
+        [--qkv_layout=fused|separate] [--num_heads=H] [--gelu=exact|tanh|quick]
     python -m flip.convert.timm_vit export --src=<our checkpoint or workdir> --dst=<new dir>
         [--format=timm|mae] [--model=<timm name>] [--image_size=N] [--global_pool=token|avg]
+        [--gelu=exact|tanh|quick]
 
 Import reads a timm `VisionTransformer` state dict (`.safetensors`, or `.bin` / `.pth` / `.pt`
 through `torch.load(weights_only=True)`: tensors only, never code; MAE's `{'model': ...}` wrapper is
@@ -205,17 +206,26 @@ def config_overrides(fields: Mapping[str, Any], image_size: int) -> Dict[str, An
   return out
 
 
+def named_model(model: Optional[str], num_heads: Optional[int] = None,
+                gelu: Optional[str] = None) -> NamedModel:
+  """What `--model` says, with `--num_heads` / `--gelu` taking precedence."""
+  if model:
+    named = parse_model_name(model) if not num_heads else NamedModel(
+        num_heads, "quick" if "quickgelu" in model else "exact", 1e-5 if "clip" in model else 1e-6)
+  elif num_heads:
+    named = NamedModel(num_heads, "exact", 1e-6)
+  else:
+    raise ConversionError("give --model (a timm ViT name) or --num_heads")
+  return dataclasses.replace(named, gelu=gelu) if gelu else named
+
+
 def run_import(src: str, dst: str, model: Optional[str], num_heads: Optional[int] = None,
                image_size: Optional[int] = None, posemb: str = "auto",
-               global_pool: Optional[str] = None, qkv_layout: str = "fused") -> str:
+               global_pool: Optional[str] = None, qkv_layout: str = "fused",
+               gelu: Optional[str] = None) -> str:
   """The `import` command: returns the written checkpoint directory."""
   _check_empty_dst(dst)
-  named = parse_model_name(model) if model else None
-  if num_heads:
-    named = NamedModel(num_heads, named.gelu if named else "exact",
-                       named.layernorm_epsilon if named else 1e-6)
-  if named is None:
-    raise ConversionError("give --model (a timm ViT name) or --num_heads")
+  named = named_model(model, num_heads, gelu)
   sd = read_state_dict(src)
   params, axes, fields, image_size = import_state_dict(sd, named, image_size, posemb, global_pool,
                                                        qkv_layout)
@@ -257,7 +267,8 @@ def export_params(params: Mapping[str, Any], image_size: Optional[int], with_hea
 
 
 def run_export(src: str, dst: str, fmt: str = "timm", model: Optional[str] = None,
-               image_size: Optional[int] = None, global_pool: Optional[str] = None) -> str:
+               image_size: Optional[int] = None, global_pool: Optional[str] = None,
+               gelu: Optional[str] = None) -> str:
   """The `export` command: returns the main file written."""
   _check_empty_dst(dst)
   params = checkpoints.load_params_tree(src)
@@ -278,7 +289,7 @@ def run_export(src: str, dst: str, fmt: str = "timm", model: Optional[str] = Non
     with paths.open_file(paths.join(dst, MAE_PTH), "wb") as f:
       torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, f)
     return paths.join(dst, MAE_PTH)
-  named_gelu = parse_model_name(model).gelu if model else "exact"
+  named_gelu = gelu or ("quick" if model and "quickgelu" in model else "exact")
   if global_pool is None:
     global_pool = "avg" if layout.pooled_norm or not layout.cls_token else "token"
   try:
@@ -307,6 +318,8 @@ def parse_args(argv) -> argparse.Namespace:
                       help="token | avg (default: avg with fc_norm or without a class token)")
   parser.add_argument("--qkv_layout", default="fused", choices=("fused", "separate"),
                       help="import: our attention parameter layout")
+  parser.add_argument("--gelu", choices=tuple(timm_mapping.TIMM_ACT),
+                      help="the activation (default: from --model, else exact)")
   parser.add_argument("--format", default="timm", choices=("timm", "mae"),
                       help="export: timm's state dict or MAE's fine-tuning checkpoint")
   return parser.parse_args(argv)
@@ -318,14 +331,14 @@ def main(argv=None) -> None:
   try:
     if args.command == "import":
       out = run_import(args.src, args.dst, args.model, args.num_heads, args.image_size,
-                       args.posemb, args.global_pool, args.qkv_layout)
+                       args.posemb, args.global_pool, args.qkv_layout, args.gelu)
       overrides = json.loads(paths.read_bytes(paths.join(args.dst, SIDECAR)))["config_overrides"]
       flags_text = " ".join(f"--config.{k}={json.dumps(v) if isinstance(v, list) else v}"
                             for k, v in overrides.items())
       print(f"wrote {out}; use it as --config.pretrain_dir={args.dst} {flags_text}")
     else:
       out = run_export(args.src, args.dst, args.format, args.model, args.image_size,
-                       args.global_pool)
+                       args.global_pool, args.gelu)
       print(f"wrote {out}")
   except (ConversionError, checkpoints.CheckpointError) as err:
     print(f"flip.convert.timm_vit: {err}", file=sys.stderr)
