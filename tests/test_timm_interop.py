@@ -23,6 +23,7 @@ from timm.layers import resample_abs_pos_embed
 import torch
 
 from flip import checkpoints
+from flip.convert import big_vision
 from flip.convert import flip_t5x
 from flip.convert import timm_mapping
 from flip.convert import timm_vit
@@ -289,3 +290,76 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
   assert "weights.txt: expected .safetensors" in err and "\n" not in err
   assert timm_vit.parse_model_name("vit_large_patch14_clip_quickgelu_224.openai") == \
       timm_vit.NamedModel(16, "quick", 1e-5)
+
+
+# --------------------------------------------------------------------------- big_vision
+
+def big_vision_npz(path, pool, scanned, prefix):
+  """A big_vision ViT checkpoint (big_vision/models/vit.py names) with random values."""
+  d, k, m, grid = WIDTH, WIDTH // HEADS, 4 * WIDTH, IMG // PATCH
+  shapes = {"embedding/kernel": (PATCH, PATCH, 3, d), "embedding/bias": (d,),
+            "pos_embedding": (1, grid * grid, d), "Transformer/encoder_norm/scale": (d,),
+            "Transformer/encoder_norm/bias": (d,), "head/kernel": (d, CLASSES),
+            "head/bias": (CLASSES,)}
+  if pool == "tok":
+    shapes["cls"] = (1, 1, d)
+  block = {"LayerNorm_0/scale": (d,), "LayerNorm_0/bias": (d,), "LayerNorm_1/scale": (d,),
+           "LayerNorm_1/bias": (d,), "MlpBlock_0/Dense_0/kernel": (d, m),
+           "MlpBlock_0/Dense_0/bias": (m,), "MlpBlock_0/Dense_1/kernel": (m, d),
+           "MlpBlock_0/Dense_1/bias": (d,), "MultiHeadDotProductAttention_0/out/kernel": (HEADS, k, d),
+           "MultiHeadDotProductAttention_0/out/bias": (d,)}
+  for name in ("query", "key", "value"):
+    block[f"MultiHeadDotProductAttention_0/{name}/kernel"] = (d, HEADS, k)
+    block[f"MultiHeadDotProductAttention_0/{name}/bias"] = (HEADS, k)
+  for leaf, shape in block.items():
+    if scanned:
+      shapes[f"Transformer/encoderblock/{leaf}"] = (DEPTH,) + shape
+    else:
+      shapes.update({f"Transformer/encoderblock_{n}/{leaf}": shape for n in range(DEPTH)})
+  rng = np.random.RandomState(1)
+  arrays = {prefix + key: (rng.normal(size=shape) * 0.2 + key.endswith("scale")).astype(
+      np.float32) for key, shape in shapes.items()}
+  if prefix == big_vision.TWO_TOWER_PREFIX:
+    arrays["params/txt/Embed_0/embedding"] = np.zeros((10, d), np.float32)
+    arrays["params/t"] = np.ones((1,), np.float32)
+  np.savez(path, **arrays)
+  return path
+
+
+@pytest.mark.parametrize("pool,scanned,prefix", [("gap", False, "params/"),
+                                                 ("tok", True, "params/img/")])
+def test_big_vision_import_matches_timms_own_npz_loader(tmp_path, pool, scanned, prefix):
+  npz = big_vision_npz(str(tmp_path / "bv.npz"), pool, scanned, prefix)
+  reference = timm.models.vision_transformer.VisionTransformer(
+      img_size=IMG, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+      num_classes=CLASSES, class_token=pool == "tok", no_embed_class=True,
+      global_pool="token" if pool == "tok" else "avg", fc_norm=False, act_layer="gelu_tanh").eval()
+  reference.load_pretrained(npz)
+  params, _, fields, _, left_out = big_vision.convert(big_vision.read_npz(npz))
+  pixels = images()
+  tokens, pooled, logits = timm_outputs(reference, pixels)
+  ours = our_outputs(params, fields, pixels)
+  assert max_diff(ours[0], tokens) < ATOL and max_diff(ours[1], pooled) < ATOL
+  if prefix == big_vision.TWO_TOWER_PREFIX:
+    assert "head" not in params and left_out == ["params/img/head/bias", "params/img/head/kernel",
+                                                 "params/t", "params/txt/Embed_0/embedding"]
+  else:
+    assert max_diff(ours[2], logits) < ATOL
+
+
+def test_big_vision_map_head_is_refused_naming_it(tmp_path):
+  npz = big_vision_npz(str(tmp_path / "bv.npz"), "gap", False, "params/")
+  arrays = dict(np.load(npz))
+  arrays["params/MAPHead_0/probe"] = np.zeros((1, 1, WIDTH), np.float32)
+  with pytest.raises(timm_vit.ConversionError, match="no place .*MAPHead_0/probe"):
+    big_vision.convert(arrays)
+
+
+def test_big_vision_sincos2d_table_is_big_visions():
+  """big_vision's posemb_sincos_2d as lucidrains' vit-pytorch ports it (torch)."""
+  grid, width = (3, 5), 16
+  y, x = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+  omega = 1.0 / (10000 ** (torch.arange(width // 4) / (width // 4 - 1)))
+  y, x = y.flatten()[:, None] * omega[None, :], x.flatten()[:, None] * omega[None, :]
+  expected = torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).numpy()
+  assert max_diff(big_vision.big_vision_sincos(grid, width)[0], expected) < ATOL

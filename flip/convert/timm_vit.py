@@ -127,7 +127,7 @@ def _line(err: BaseException) -> str:
   return " ".join(str(err).split())[:300] or type(err).__name__
 
 
-def _check_empty_dst(dst: str) -> None:
+def check_empty_dst(dst: str) -> None:
   if paths.exists(dst) and paths.listdir(dst):
     raise ConversionError(f"--dst {dst} is not empty")
 
@@ -160,6 +160,21 @@ def import_state_dict(sd: Mapping[str, np.ndarray], named: NamedModel,
     encoder, head = timm_mapping.timm_to_ours(sd, layout)
   except (timm_mapping.MappingError, posemb_lib.PosembError) as err:
     raise ConversionError(str(err)) from None
+  if global_pool is None:
+    global_pool = "avg" if layout.pooled_norm or not layout.cls_token else "token"
+  if global_pool not in POOLS:
+    raise ConversionError(f"--global_pool must be one of {tuple(POOLS)}, got {global_pool!r}")
+  return fit_encoder(encoder, head, layout, image_size, POOLS[global_pool], named.gelu,
+                     named.layernorm_epsilon)
+
+
+def fit_encoder(encoder: Dict[str, np.ndarray], head: Mapping[str, np.ndarray],
+                layout: timm_mapping.VitLayout, image_size: Optional[int], pool: str, gelu: str,
+                layernorm_epsilon: float
+                ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any], int]:
+  """Our flat encoder (and head) params of `layout` at `image_size` (a learned table resampled)
+  -> (params {img_encoder[, head]}, their axes, encoder fields, image size), checked against the
+  shapes of our model."""
   if image_size is None:
     image_size = layout.grid[0] * layout.patch[0]
   if image_size % layout.patch[0] or layout.patch[0] != layout.patch[1]:
@@ -170,12 +185,7 @@ def import_state_dict(sd: Mapping[str, np.ndarray], named: NamedModel,
     encoder["pos_embedding"] = posemb_lib.resample(
         encoder["pos_embedding"], new_grid, 1 if layout.cls_posemb else 0, layout.grid)
   layout = dataclasses.replace(layout, grid=new_grid)
-  if global_pool is None:
-    global_pool = "avg" if layout.pooled_norm or not layout.cls_token else "token"
-  if global_pool not in POOLS:
-    raise ConversionError(f"--global_pool must be one of {tuple(POOLS)}, got {global_pool!r}")
-  fields = timm_mapping.vit_fields(layout, POOLS[global_pool], named.gelu,
-                                   named.layernorm_epsilon)
+  fields = timm_mapping.vit_fields(layout, pool, gelu, layernorm_epsilon)
   shapes, axes = model_shapes(fields, layout.num_classes, image_size, layout.channels)
   params = {"img_encoder": encoder, **({"head": head} if head else {})}
   flat = traverse_util.flatten_dict(params, sep="/")
@@ -224,15 +234,21 @@ def run_import(src: str, dst: str, model: Optional[str], num_heads: Optional[int
                global_pool: Optional[str] = None, qkv_layout: str = "fused",
                gelu: Optional[str] = None) -> str:
   """The `import` command: returns the written checkpoint directory."""
-  _check_empty_dst(dst)
+  check_empty_dst(dst)
   named = named_model(model, num_heads, gelu)
   sd = read_state_dict(src)
   params, axes, fields, image_size = import_state_dict(sd, named, image_size, posemb, global_pool,
                                                        qkv_layout)
+  return write_import(dst, params, axes, fields, image_size, {"src": src, "model": model})
+
+
+def write_import(dst: str, params: Mapping[str, Any], axes: Mapping[str, Any],
+                 fields: Mapping[str, Any], image_size: int, meta: Mapping[str, Any]) -> str:
+  """The imported params as a step-0 t5x checkpoint in `dst` plus the sidecar with the config
+  overrides; returns the checkpoint directory."""
   out = flip_t5x.write_params_checkpoint(dst, params, axes)
-  overrides = config_overrides(fields, image_size)
-  paths.write_bytes(paths.join(dst, SIDECAR), json.dumps(
-      {"src": src, "model": model, "config_overrides": overrides}, indent=1).encode())
+  sidecar = dict(meta, config_overrides=config_overrides(fields, image_size))
+  paths.write_bytes(paths.join(dst, SIDECAR), json.dumps(sidecar, indent=1).encode())
   return out
 
 
@@ -270,7 +286,7 @@ def run_export(src: str, dst: str, fmt: str = "timm", model: Optional[str] = Non
                image_size: Optional[int] = None, global_pool: Optional[str] = None,
                gelu: Optional[str] = None) -> str:
   """The `export` command: returns the main file written."""
-  _check_empty_dst(dst)
+  check_empty_dst(dst)
   params = checkpoints.load_params_tree(src)
   if fmt not in ("timm", "mae"):
     raise ConversionError(f"--format must be timm or mae, got {fmt!r}")
