@@ -194,9 +194,8 @@ def layout_from_ours(encoder: Mapping[str, Array], head: Optional[Mapping[str, A
 
 
 def _pairs(layout: VitLayout):
-  """(our key, timm key, to_ours, to_timm) for every tensor of the layout but the attention's."""
+  """(our key, timm key, to_ours, to_timm) for every tensor of the layout outside the blocks."""
   ident = (lambda x: x, lambda x: x)
-  trans = (lambda x: np.transpose(x), lambda x: np.transpose(x))
   conv = (lambda x: np.transpose(x, (2, 3, 1, 0)), lambda x: np.transpose(x, (3, 2, 0, 1)))
   out = [("embedding/kernel", "patch_embed.proj.weight") + conv]
   if layout.patch_bias:
@@ -207,12 +206,6 @@ def _pairs(layout: VitLayout):
     out.append(("pos_embedding", "pos_embed") + ident)
   if layout.ln_pre:
     out += [("ln_pre/scale", "norm_pre.weight") + ident, ("ln_pre/bias", "norm_pre.bias") + ident]
-  for n in range(layout.depth):
-    block, prefix = BLOCK.format(n), f"blocks.{n}."
-    for ours, theirs, transposed in _BLOCK_PLAIN:
-      out.append((f"{block}/{ours}", prefix + theirs) + (trans if transposed else ident))
-    if layout.layer_scale:
-      out += [(f"{block}/{ours}", prefix + theirs) + ident for ours, theirs in _LAYER_SCALE]
   norm = ("fc_norm", "fc_norm") if layout.pooled_norm else (ENCODER_NORM, "norm")
   out += [(f"{norm[0]}/scale", f"{norm[1]}.weight") + ident,
           (f"{norm[0]}/bias", f"{norm[1]}.bias") + ident]
@@ -246,7 +239,7 @@ def timm_shapes(layout: VitLayout) -> Dict[str, Tuple[int, ...]]:
   return shapes
 
 
-def _attention_to_ours(sd: Mapping[str, Array], n: int, layout: VitLayout) -> Dict[str, Array]:
+def attention_to_ours(sd: Mapping[str, Array], n: int, layout: VitLayout) -> Dict[str, Array]:
   d, h, k = layout.width, layout.num_heads, layout.head_dim
   prefix, attn = f"blocks.{n}.attn.", f"{BLOCK.format(n)}/{_ATTN}"
   qkv_w, qkv_b = sd[prefix + "qkv.weight"], sd[prefix + "qkv.bias"]
@@ -264,7 +257,7 @@ def _attention_to_ours(sd: Mapping[str, Array], n: int, layout: VitLayout) -> Di
   return out
 
 
-def _attention_to_timm(params: Mapping[str, Array], n: int, layout: VitLayout) -> Dict[str, Array]:
+def attention_to_timm(params: Mapping[str, Array], n: int, layout: VitLayout) -> Dict[str, Array]:
   d = layout.width
   prefix, attn = f"blocks.{n}.attn.", f"{BLOCK.format(n)}/{_ATTN}"
   if layout.qkv_layout == "fused":
@@ -281,17 +274,31 @@ def _attention_to_timm(params: Mapping[str, Array], n: int, layout: VitLayout) -
           prefix + "proj.bias": out_bias}
 
 
-_ATTN_TIMM = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias")
+def block_to_ours(sd: Mapping[str, Array], n: int, layout: VitLayout) -> Dict[str, Array]:
+  """timm's `blocks.N.*` tensors -> ours under `Transformer/encoderblock_NN/` (any tower)."""
+  block, prefix = BLOCK.format(n), f"blocks.{n}."
+  out = {f"{block}/{ours}": np.transpose(sd[prefix + theirs]) if transposed else sd[prefix + theirs]
+         for ours, theirs, transposed in _BLOCK_PLAIN}
+  if layout.layer_scale:
+    out.update({f"{block}/{ours}": sd[prefix + theirs] for ours, theirs in _LAYER_SCALE})
+  return dict(out, **attention_to_ours(sd, n, layout))
+
+
+def block_to_timm(params: Mapping[str, Array], n: int, layout: VitLayout) -> Dict[str, Array]:
+  """The inverse of `block_to_ours`."""
+  block, prefix = BLOCK.format(n), f"blocks.{n}."
+  out = {prefix + theirs: np.transpose(params[f"{block}/{ours}"]) if transposed
+         else params[f"{block}/{ours}"] for ours, theirs, transposed in _BLOCK_PLAIN}
+  if layout.layer_scale:
+    out.update({prefix + theirs: params[f"{block}/{ours}"] for ours, theirs in _LAYER_SCALE})
+  return dict(out, **attention_to_timm(params, n, layout))
 
 
 def timm_to_ours(sd: Mapping[str, Array], layout: VitLayout
                  ) -> Tuple[Dict[str, Array], Dict[str, Array]]:
   """A timm state dict -> (our flat img_encoder params, our flat head params or {}); every
   tensor of the state dict must find its place. `sd` holds numpy arrays."""
-  expected = {theirs for _, theirs, _, _ in _pairs(layout)}
-  expected |= {f"blocks.{n}.attn.{leaf}" for n in range(layout.depth) for leaf in _ATTN_TIMM}
-  if layout.num_classes:
-    expected |= {"head.weight", "head.bias"}
+  expected = set(timm_shapes(layout))
   if layout.sincos:
     expected.add("pos_embed")  # checked by layout_from_timm, recomputed by the model
   _check_keys(set(sd), expected, "tensor of the state dict")
@@ -303,7 +310,7 @@ def timm_to_ours(sd: Mapping[str, Array], layout: VitLayout
                        f"patch_embed, blocks.0 and pos_embed (e.g. {'; '.join(misshaped[:3])})")
   encoder = {ours: to_ours(np.asarray(sd[theirs])) for ours, theirs, to_ours, _ in _pairs(layout)}
   for n in range(layout.depth):
-    encoder.update(_attention_to_ours(sd, n, layout))
+    encoder.update(block_to_ours(sd, n, layout))
   head = {}
   if layout.num_classes:
     head = {"kernel": np.transpose(sd["head.weight"]), "bias": np.asarray(sd["head.bias"])}
@@ -313,26 +320,21 @@ def timm_to_ours(sd: Mapping[str, Array], layout: VitLayout
 def ours_to_timm(encoder: Mapping[str, Array], head: Optional[Mapping[str, Array]],
                  layout: VitLayout) -> Dict[str, Array]:
   """Our flat img_encoder (and head) params -> a timm VisionTransformer state dict (numpy)."""
-  expected = {ours for ours, _, _, _ in _pairs(layout)}
-  for n in range(layout.depth):
-    expected |= set(_attention_to_ours(_zeros_sd(layout, n), n, layout))
+  headless = dataclasses.replace(layout, num_classes=0)
+  zeros = {key: np.zeros(shape, np.float32) for key, shape in timm_shapes(headless).items()}
+  expected = set(timm_to_ours(dict(zeros, **({"pos_embed": 0} if layout.sincos else {})),
+                              headless)[0])
   _check_keys(set(encoder), expected, "img_encoder parameter")
   sd = {theirs: np.ascontiguousarray(to_timm(np.asarray(encoder[ours])))
         for ours, theirs, _, to_timm in _pairs(layout)}
   for n in range(layout.depth):
-    sd.update(_attention_to_timm(encoder, n, layout))
+    sd.update(block_to_timm(encoder, n, layout))
   if layout.sincos:
     sd["pos_embed"] = sincos_table(layout)
   if head:
     sd["head.weight"] = np.ascontiguousarray(np.transpose(head["kernel"]))
     sd["head.bias"] = np.asarray(head["bias"])
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}
-
-
-def _zeros_sd(layout: VitLayout, n: int) -> Dict[str, Array]:
-  d = layout.width
-  shapes = {"qkv.weight": (3 * d, d), "qkv.bias": (3 * d,), "proj.weight": (d, d), "proj.bias": (d,)}
-  return {f"blocks.{n}.attn.{leaf}": np.zeros(shape, np.float32) for leaf, shape in shapes.items()}
 
 
 def _check_keys(present: set, expected: set, what: str) -> None:
