@@ -11,6 +11,7 @@
 - a missing, extra or mis-shaped tensor is one line naming it.
 """
 
+import functools
 import json
 
 import flax
@@ -19,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 import timm
+from timm.layers import PatchEmbed
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block
 import torch
 
 from flip import checkpoints
@@ -28,6 +31,7 @@ from flip.convert import flip_t5x
 from flip.convert import timm_mapping
 from flip.convert import timm_vit
 from flip.models import classifier as classifier_lib
+from flip.models import mae as mae_lib
 from flip.models import posemb
 from flip.models import vit as vit_lib
 from flip.tasks import common
@@ -106,7 +110,8 @@ def max_diff(a, b):
 @pytest.mark.parametrize("style", sorted(STYLES))
 def test_import_matches_timm_features_pooled_and_logits(style):
   model = timm_vit_model(**STYLES[style])
-  params, _, fields, size = timm_vit.import_state_dict(state_dict_np(model), NAMED)
+  imported = timm_vit.import_state_dict(state_dict_np(model), NAMED)
+  params, fields, size = imported.params, imported.fields, imported.image_size
   assert size == IMG
   pixels = images()
   tokens, pooled, logits = timm_outputs(model, pixels)
@@ -117,7 +122,8 @@ def test_import_matches_timm_features_pooled_and_logits(style):
 
 def test_mae_sincos_table_is_imported_as_our_fixed_table():
   model = timm_vit_model(sincos_posemb=True, **STYLES["mae_token"])
-  params, _, fields, _ = timm_vit.import_state_dict(state_dict_np(model), NAMED)
+  imported = timm_vit.import_state_dict(state_dict_np(model), NAMED)
+  params, fields = imported.params, imported.fields
   assert fields["sincos"] and not fields["cls_posemb"]
   assert "pos_embedding" not in params["img_encoder"]
   pixels = images()
@@ -125,7 +131,8 @@ def test_mae_sincos_table_is_imported_as_our_fixed_table():
   ours = our_outputs(params, fields, pixels)
   assert max_diff(ours[0], tokens) < ATOL and max_diff(ours[2], logits) < ATOL
   # The same file taken as a learned table: the class row is kept in the table.
-  learned, _, fields, _ = timm_vit.import_state_dict(state_dict_np(model), NAMED, posemb="learned")
+  imported = timm_vit.import_state_dict(state_dict_np(model), NAMED, posemb="learned")
+  learned, fields = imported.params, imported.fields
   assert not fields["sincos"] and fields["cls_posemb"]
   assert learned["img_encoder"]["pos_embedding"].shape == (1, 1 + (IMG // PATCH) ** 2, WIDTH)
   with pytest.raises(timm_vit.ConversionError, match="not the fixed 2-D sin-cos table"):
@@ -147,7 +154,8 @@ def test_resample_equals_timm(old, new, prefix):
 
 def test_import_at_another_image_size_runs_like_timms_resampled_model():
   model = timm_vit_model(**STYLES["avg_fc_norm_layerscale"])
-  params, _, fields, size = timm_vit.import_state_dict(state_dict_np(model), NAMED, image_size=48)
+  imported = timm_vit.import_state_dict(state_dict_np(model), NAMED, image_size=48)
+  params, fields, size = imported.params, imported.fields, imported.image_size
   assert size == 48
   big = timm_vit_model(img=48, **STYLES["avg_fc_norm_layerscale"])
   sd = model.state_dict()
@@ -200,9 +208,10 @@ def test_export_loads_strictly_into_timm_with_the_same_features(name):
   assert max_diff(ours[2], logits) < ATOL
   # Export then import is the identity, exactly.
   qkv = fields.get("qkv_layout", "fused")
-  back, _, back_fields, _ = timm_vit.import_state_dict(
+  imported = timm_vit.import_state_dict(
       sd, NAMED, posemb="sincos" if fields["sincos"] else "learned",
       global_pool={"cls": "token", "avg": "avg"}[fields["pool"]], qkv_layout=qkv)
+  back, back_fields = imported.params, imported.fields
   flat, flat_back = (traverse_util.flatten_dict(t, sep="/") for t in (params, back))
   assert set(flat) == set(flat_back)
   for key, value in flat.items():
@@ -211,38 +220,100 @@ def test_export_loads_strictly_into_timm_with_the_same_features(name):
     assert back_fields[key] == fields.get(key, back_fields[key]), key
 
 
-def test_mae_export_is_what_maes_finetuning_loads_and_files_round_trip(tmp_path):
-  fields = our_fields(**OUR_ENCODERS["mae_encoder"])
-  params, axes = random_params(fields, head=False)
-  axes.pop("head")
-  flip_t5x.write_params_checkpoint(str(tmp_path / "ours"), params, axes)
+class MaeReference(torch.nn.Module):
+  """MAE's models_mae.MaskedAutoencoderViT (encoder, random masking from given noise, decoder) on
+  timm's PatchEmbed and Block, with MAE's parameter names."""
+
+  def __init__(self, dec_width, dec_depth, dec_heads):
+    super().__init__()
+    norm = functools.partial(torch.nn.LayerNorm, eps=1e-6)
+    num = (IMG // PATCH) ** 2
+    self.patch_embed = PatchEmbed(IMG, PATCH, 3, WIDTH)
+    self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, WIDTH))
+    self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + num, WIDTH), requires_grad=False)
+    self.blocks = torch.nn.ModuleList([Block(WIDTH, HEADS, 4.0, qkv_bias=True, norm_layer=norm)
+                                       for _ in range(DEPTH)])
+    self.norm = norm(WIDTH)
+    self.decoder_embed = torch.nn.Linear(WIDTH, dec_width)
+    self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, dec_width))
+    self.decoder_pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + num, dec_width),
+                                                requires_grad=False)
+    self.decoder_blocks = torch.nn.ModuleList([
+        Block(dec_width, dec_heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(dec_depth)])
+    self.decoder_norm = norm(dec_width)
+    self.decoder_pred = torch.nn.Linear(dec_width, PATCH * PATCH * 3)
+
+  def forward(self, imgs, noise, ratio):
+    x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+    n, length, d = x.shape
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    keep = int(length * (1 - ratio))
+    x = torch.gather(x, 1, ids_shuffle[:, :keep, None].repeat(1, 1, d))
+    x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1), x], dim=1)
+    for block in self.blocks:
+      x = block(x)
+    x = self.decoder_embed(self.norm(x))
+    rest = torch.cat([x[:, 1:], self.mask_token.repeat(n, length + 1 - x.shape[1], 1)], dim=1)
+    rest = torch.gather(rest, 1, ids_restore[:, :, None].repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1], rest], dim=1) + self.decoder_pos_embed
+    for block in self.decoder_blocks:
+      x = block(x)
+    return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+
+def test_mae_export_loads_into_maes_models_and_files_round_trip(tmp_path):
+  decoder = dict(hidden_size=32, num_layers=1, num_heads=4, mlp_dim=128, gelu="exact")
+  model = mae_lib.MaskedAutoencoder(
+      img=our_fields(**OUR_ENCODERS["mae_encoder"], mask_ratio=0.75), decoder=decoder)
+  rngs = {"params": jax.random.PRNGKey(0), "masking": jax.random.PRNGKey(1)}
+  variables = model.init(rngs, images(), train=False)
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda x: (rng.normal(size=x.shape) * 0.2 + (x == 1)).astype(np.float32),
+                        flax.core.unfreeze(variables["params"]))
+  flip_t5x.write_params_checkpoint(str(tmp_path / "ours"), params,
+                                   flax.core.unfreeze(variables["params_axes"]))
   out = timm_vit.run_export(str(tmp_path / "ours"), str(tmp_path / "mae"), fmt="mae",
                             image_size=IMG)
   loaded = torch.load(out, map_location="cpu", weights_only=True)["model"]
-  # MAE's models_vit.VisionTransformer(global_pool=True) is timm's ViT with fc_norm and no norm;
-  # main_finetune.py loads with strict=False and asserts only the head and fc_norm are missing.
-  model = timm.create_model(TIMM_NAME, pretrained=False, img_size=IMG, patch_size=PATCH,
-                            embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
-                            global_pool="avg", fc_norm=True)
-  result = model.load_state_dict(loaded, strict=False)
-  assert set(result.missing_keys) == {"head.weight", "head.bias", "fc_norm.weight",
-                                      "fc_norm.bias"}
-  assert set(result.unexpected_keys) == {"norm.weight", "norm.bias"}
+  # MAE's pretraining model loads every key; its reconstruction equals ours for the same noise.
+  reference = MaeReference(32, 1, 4).eval()
+  reference.load_state_dict(loaded, strict=True)
+  pixels = images()
+  noise = np.random.RandomState(2).uniform(size=(2, (IMG // PATCH) ** 2)).astype(np.float32)
+  ours = model.apply({"params": params}, pixels, train=False, mask_noise=noise)["pred"]
+  mean, std = np.asarray(vit_lib.IMAGENET_MEAN_RGB), np.asarray(vit_lib.IMAGENET_STD_RGB)
+  x = ((pixels.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                         torch.from_numpy(noise), 0.75).numpy()
+  assert max_diff(ours, expected) < ATOL
+  # MAE's fine-tuning (models_vit with global pool = timm's ViT with fc_norm and no norm) loads
+  # with strict=False and asserts that only the head and fc_norm are missing.
+  finetune = timm.create_model(TIMM_NAME, pretrained=False, img_size=IMG, patch_size=PATCH,
+                               embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=CLASSES,
+                               global_pool="avg", fc_norm=True)
+  result = finetune.load_state_dict(loaded, strict=False)
+  assert set(result.missing_keys) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+  assert {k for k in result.unexpected_keys if not k.startswith("decoder_")} == {
+      "norm.weight", "norm.bias", "mask_token"}
   np.testing.assert_allclose(loaded["pos_embed"].numpy()[0], mae_sincos(WIDTH, IMG // PATCH),
                              atol=ATOL)
-  # The .pth imports back through the command's reader, into the same parameters.
+  # The .pth imports back through the command's reader into the same parameters, a pretrain_dir
+  # the MAE task loads (encoder and decoder).
   back_dir = tmp_path / "back"
-  timm_vit.run_import(out, str(back_dir), None, num_heads=HEADS)
-  back = checkpoints.load_params_tree(str(back_dir))
-  for key, value in traverse_util.flatten_dict(params, sep="/").items():
-    np.testing.assert_array_equal(traverse_util.flatten_dict(back, sep="/")[key], value,
-                                  err_msg=key)
-  sidecar = json.loads((back_dir / timm_vit.SIDECAR).read_text())
-  assert sidecar["config_overrides"]["model.model_img.sincos"] is True
-  # The written checkpoint is a pretrain_dir for the encoder subset the tasks load.
+  timm_vit.run_import(out, str(back_dir), None, num_heads=HEADS, decoder_num_heads=4)
+  back = traverse_util.flatten_dict(checkpoints.load_params_tree(str(back_dir)), sep="/")
+  flat = traverse_util.flatten_dict(params, sep="/")
+  assert set(back) == set(flat)
+  for key, value in flat.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  overrides = json.loads((back_dir / timm_vit.SIDECAR).read_text())["config_overrides"]
+  assert overrides["model.model_img.sincos"] is True and overrides["model.decoder.hidden_size"] == 32
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  loaded_subset = common.load_modules(str(back_dir), shapes, required=(common.ENCODER,))
-  assert set(loaded_subset) == {common.ENCODER}
+  subset = common.load_modules(str(back_dir), shapes, required=(common.ENCODER,),
+                               optional=("mae_decoder",))
+  assert set(subset) == {common.ENCODER, "mae_decoder"}
 
 
 def test_timm_export_files_load_with_their_kwargs(tmp_path):
@@ -335,7 +406,8 @@ def test_big_vision_import_matches_timms_own_npz_loader(tmp_path, pool, scanned,
       num_classes=CLASSES, class_token=pool == "tok", no_embed_class=True,
       global_pool="token" if pool == "tok" else "avg", fc_norm=False, act_layer="gelu_tanh").eval()
   reference.load_pretrained(npz)
-  params, _, fields, _, left_out = big_vision.convert(big_vision.read_npz(npz))
+  imported, left_out = big_vision.convert(big_vision.read_npz(npz))
+  params, fields = imported.params, imported.fields
   pixels = images()
   tokens, pooled, logits = timm_outputs(reference, pixels)
   ours = our_outputs(params, fields, pixels)

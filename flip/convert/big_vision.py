@@ -120,7 +120,7 @@ def to_ours(tree: Mapping[str, np.ndarray], qkv_layout: str) -> Dict[str, np.nda
 
 def convert(arrays: Mapping[str, np.ndarray], image_size: Optional[int] = None,
             qkv_layout: str = "separate"):
-  """big_vision arrays -> (params, axes, fields, image size, names left out)."""
+  """big_vision arrays -> (timm_vit.Imported, the names left out)."""
   prefix = find_prefix(arrays)
   tree = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
   left_out = sorted(k for k in arrays if not k.startswith(prefix))
@@ -146,17 +146,15 @@ def convert(arrays: Mapping[str, np.ndarray], image_size: Optional[int] = None,
   except (timm_mapping.MappingError, KeyError, ValueError) as err:
     raise timm_vit.ConversionError(f"{prefix}...: {err}") from None
   pool = "cls" if layout.cls_token else "avg"
-  params, axes, fields, image_size = timm_vit.fit_encoder(encoder, head, layout, image_size, pool,
-                                                          "tanh", 1e-6)
-  return params, axes, fields, image_size, sorted(left_out)
+  imported = timm_vit.fit_encoder(encoder, head, layout, image_size, pool, "tanh", 1e-6)
+  return imported, sorted(left_out)
 
 
 def run(src: str, dst: str, image_size: Optional[int] = None,
         qkv_layout: str = "separate") -> str:
   timm_vit.check_empty_dst(dst)
-  params, axes, fields, image_size, left_out = convert(read_npz(src), image_size, qkv_layout)
-  return timm_vit.write_import(dst, params, axes, fields, image_size,
-                               {"src": src, "not_converted": left_out})
+  imported, left_out = convert(read_npz(src), image_size, qkv_layout)
+  return timm_vit.write_import(dst, imported, {"src": src, "not_converted": left_out})
 
 
 def main(argv=None) -> None:

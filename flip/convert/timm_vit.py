@@ -19,13 +19,17 @@ activation and the LayerNorm epsilon come from `--model` (timm's ViT names: vit_
 (stored with a zero class row) is checked against the table our model computes and imported as
 `sincos=True` (the MAE encoder exactly, nothing learned); any other table is imported as a learned
 table (`sincos=False`, `cls_posemb=True` when it has a class row) and resampled as timm does
-(flip.models.posemb) when `--image_size` differs from the checkpoint's.
+(flip.models.posemb) when `--image_size` differs from the checkpoint's. A file of MAE's
+pretraining model (with `decoder_*` and `mask_token`) also fills our `mae_decoder`
+(flip.convert.mae_decoder; `--decoder_num_heads`, default MAE's 16), so MAE pretraining continues
+from it.
 
 Export reads the `img_encoder` (and `head`) of one of our checkpoints and writes
 `<dst>/model.safetensors` (timm's names) and `<dst>/timm_kwargs.json`, the keyword arguments of
 `timm.create_model(<model>, pretrained=False, **kwargs)` whose `load_state_dict(strict=True)`
 matches every key; `--format=mae` writes the encoder (no head) as MAE's fine-tuning code loads it,
-`<dst>/checkpoint.pth` = `{'model': state dict}` (needs torch) and `<dst>/checkpoint.safetensors`.
+`<dst>/checkpoint.pth` = `{'model': state dict}` (needs torch) and `<dst>/checkpoint.safetensors`,
+with the decoder in MAE's names when the checkpoint has one (what MAE's pretraining model loads).
 A sin-cos encoder is exported with its table written out for `--image_size` (default 224).
 Any misfit is one line naming the key or file (exit 2).
 """
@@ -33,7 +37,6 @@ Any misfit is one line naming the key or file (exit 2).
 import argparse
 import dataclasses
 import json
-import re
 import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -47,102 +50,51 @@ from flip import checkpoints
 from flip import paths
 from flip import process_setup
 from flip.convert import flip_t5x
+from flip.convert import mae_decoder
+from flip.convert import timm_files as files
 from flip.convert import timm_mapping
 from flip.models import classifier as classifier_lib
+from flip.models import mae as mae_lib
 from flip.models import posemb as posemb_lib
 
-TORCH_SUFFIXES = (".bin", ".pth", ".pt")
-SIDECAR = "timm_import.json"
-TIMM_FILE, KWARGS_FILE = "model.safetensors", "timm_kwargs.json"
-MAE_PTH, MAE_SAFETENSORS = "checkpoint.pth", "checkpoint.safetensors"
-HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16,
-         "gigantic": 16}
-_NAME = re.compile(r"^vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?P<rest>[a-z_]*?)_(?P<res>\d+)"
-                   r"(\.[\w-]+)?$")
+SIDECAR, TIMM_FILE, KWARGS_FILE = files.SIDECAR, files.TIMM_FILE, files.KWARGS_FILE
+MAE_PTH, MAE_SAFETENSORS = files.MAE_PTH, files.MAE_SAFETENSORS
+ConversionError = files.ConversionError
+NamedModel, parse_model_name, named_model = files.NamedModel, files.parse_model_name, files.named_model
+read_state_dict, check_empty_dst = files.read_state_dict, files.check_empty_dst
 POOLS = {"token": "cls", "avg": "avg"}
+MAE_SHAPE_MASK_RATIO = 0.75  # any ratio in (0, 1): the MAE model's shapes do not depend on it
 DEFAULT_IMAGE_SIZE = 224  # a sin-cos encoder's export size when --image_size is not given
-
-
-class ConversionError(ValueError):
-  """A file or checkpoint that does not convert, in one line naming the key or file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class NamedModel:
-  """What a timm ViT name says beyond the tensors."""
-
-  num_heads: int
-  gelu: str
-  layernorm_epsilon: float
-
-
-def parse_model_name(name: str) -> NamedModel:
-  """timm's vit_<size>_patch<p>[_clip][_quickgelu]_<res>[.tag] -> heads, activation, epsilon."""
-  match = _NAME.match(name or "")
-  if not match or match["size"] not in HEADS:
-    raise ConversionError(f"--model {name!r} is not a timm ViT name vit_<size>_patch<p>_<res>[.tag] "
-                          f"with size one of {tuple(HEADS)}: give --num_heads")
-  clip = "clip" in match["rest"]
-  return NamedModel(num_heads=HEADS[match["size"]],
-                    gelu="quick" if "quickgelu" in match["rest"] else "exact",
-                    layernorm_epsilon=1e-5 if clip else 1e-6)
-
-
-# --- files ---------------------------------------------------------------------------------------
-
-def read_state_dict(src: str) -> Dict[str, np.ndarray]:
-  """A state dict file -> {name: float32/int numpy array} (torch only for .bin/.pth/.pt)."""
-  if not paths.exists(src):
-    raise ConversionError(f"--src {src} does not exist")
-  if src.endswith(".safetensors"):
-    try:
-      return dict(safetensors_numpy.load(paths.read_bytes(src)))
-    except Exception as err:  # pylint: disable=broad-except (safetensors raises several types)
-      raise ConversionError(f"{src} is not a readable safetensors file: {_line(err)}") from None
-  if not src.endswith(TORCH_SUFFIXES):
-    raise ConversionError(f"--src {src}: expected .safetensors or one of {TORCH_SUFFIXES}")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top (optional, only for torch files)
-  except ImportError:
-    raise ConversionError(f"reading {src} needs torch (or convert it to .safetensors)") from None
-  try:
-    with paths.open_file(src, "rb") as f:
-      loaded = torch.load(f, map_location="cpu", weights_only=True)
-  except Exception as err:  # pylint: disable=broad-except (torch raises several types)
-    raise ConversionError(f"{src} is not a tensors-only torch file: {_line(err)}") from None
-  if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
-    loaded = loaded["model"]
-  if not isinstance(loaded, Mapping):
-    raise ConversionError(f"{src} holds a {type(loaded).__name__}, not a state dict")
-  out = {}
-  for key, value in loaded.items():
-    if not isinstance(value, torch.Tensor):
-      raise ConversionError(f"{src}: {key} is a {type(value).__name__}, not a tensor")
-    value = value.detach().cpu()
-    out[key] = (value.float() if value.is_floating_point() else value).numpy()
-  return out
-
-
-def _line(err: BaseException) -> str:
-  return " ".join(str(err).split())[:300] or type(err).__name__
-
-
-def check_empty_dst(dst: str) -> None:
-  if paths.exists(dst) and paths.listdir(dst):
-    raise ConversionError(f"--dst {dst} is not empty")
 
 
 # --- import --------------------------------------------------------------------------------------
 
-def model_shapes(fields: Mapping[str, Any], num_classes: int, image_size: int,
-                 channels: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-  """Parameter shapes and logical axes of our classifier with these encoder fields (no compute);
-  without a head (num_classes 0) the head is left out."""
-  model = classifier_lib.ViTClassifier(img=dict(fields), num_classes=max(num_classes, 1))
+@dataclasses.dataclass
+class Imported:
+  """Converted parameters with their axes, the encoder's (and decoder's) fields, the image size."""
+
+  params: Dict[str, Any]
+  axes: Dict[str, Any]
+  fields: Dict[str, Any]
+  image_size: int
+  decoder_fields: Optional[Dict[str, Any]] = None
+
+
+def model_shapes(fields: Mapping[str, Any], num_classes: int, image_size: int, channels: int,
+                 decoder_fields: Optional[Mapping[str, Any]] = None
+                 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Parameter shapes and logical axes (no compute) of our classifier with these encoder fields
+  (the head left out when num_classes is 0), or of our MAE with these decoder fields."""
   images = np.zeros((1, image_size, image_size, channels), np.float32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+  rngs = {"params": jax.random.PRNGKey(0), "masking": jax.random.PRNGKey(1)}
+  if decoder_fields is not None:
+    model = mae_lib.MaskedAutoencoder(img=dict(fields, mask_ratio=MAE_SHAPE_MASK_RATIO),
+                                      decoder=dict(decoder_fields))
+  else:
+    model = classifier_lib.ViTClassifier(img=dict(fields), num_classes=max(num_classes, 1))
+  variables = jax.eval_shape(lambda: model.init(rngs, images, train=False))
   params, axes = flax.core.unfreeze(variables["params"]), flax.core.unfreeze(variables["params_axes"])
-  if not num_classes:
+  if decoder_fields is None and not num_classes:
     params.pop("head")
     axes.pop("head")
   return params, axes
@@ -150,31 +102,37 @@ def model_shapes(fields: Mapping[str, Any], num_classes: int, image_size: int,
 
 def import_state_dict(sd: Mapping[str, np.ndarray], named: NamedModel,
                       image_size: Optional[int] = None, posemb: str = "auto",
-                      global_pool: Optional[str] = None, qkv_layout: str = "fused"
-                      ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any], int]:
-  """timm state dict -> (our params {img_encoder[, head]}, their axes, encoder fields, image
-  size), checked against our model's shapes."""
+                      global_pool: Optional[str] = None, qkv_layout: str = "fused",
+                      decoder_num_heads: int = mae_decoder.DEFAULT_NUM_HEADS) -> Imported:
+  """A timm state dict (or MAE's, with its decoder) -> our parameters, checked against our
+  model's shapes."""
+  decoder_sd = {k: v for k, v in sd.items() if mae_decoder.is_decoder_key(k)}
+  sd = {k: v for k, v in sd.items() if not mae_decoder.is_decoder_key(k)}
   try:
     layout = timm_mapping.layout_from_timm(sd, named.num_heads, posemb=posemb,
                                            qkv_layout=qkv_layout)
     encoder, head = timm_mapping.timm_to_ours(sd, layout)
+    decoder = mae_decoder.decoder_to_ours(decoder_sd, decoder_num_heads, layout.grid,
+                                          layout.cls_token, qkv_layout) if decoder_sd else None
   except (timm_mapping.MappingError, posemb_lib.PosembError) as err:
     raise ConversionError(str(err)) from None
+  if decoder and head:
+    raise ConversionError("the state dict has both a classification head and MAE's decoder")
   if global_pool is None:
     global_pool = "avg" if layout.pooled_norm or not layout.cls_token else "token"
   if global_pool not in POOLS:
     raise ConversionError(f"--global_pool must be one of {tuple(POOLS)}, got {global_pool!r}")
   return fit_encoder(encoder, head, layout, image_size, POOLS[global_pool], named.gelu,
-                     named.layernorm_epsilon)
+                     named.layernorm_epsilon, decoder)
 
 
 def fit_encoder(encoder: Dict[str, np.ndarray], head: Mapping[str, np.ndarray],
                 layout: timm_mapping.VitLayout, image_size: Optional[int], pool: str, gelu: str,
-                layernorm_epsilon: float
-                ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any], int]:
-  """Our flat encoder (and head) params of `layout` at `image_size` (a learned table resampled)
-  -> (params {img_encoder[, head]}, their axes, encoder fields, image size), checked against the
-  shapes of our model."""
+                layernorm_epsilon: float,
+                decoder: Optional[Tuple[Dict[str, np.ndarray], Dict[str, Any]]] = None
+                ) -> Imported:
+  """Our flat encoder (head, decoder) params of `layout` at `image_size` (a learned table
+  resampled), checked against the shapes of our model."""
   if image_size is None:
     image_size = layout.grid[0] * layout.patch[0]
   if image_size % layout.patch[0] or layout.patch[0] != layout.patch[1]:
@@ -186,8 +144,11 @@ def fit_encoder(encoder: Dict[str, np.ndarray], head: Mapping[str, np.ndarray],
         encoder["pos_embedding"], new_grid, 1 if layout.cls_posemb else 0, layout.grid)
   layout = dataclasses.replace(layout, grid=new_grid)
   fields = timm_mapping.vit_fields(layout, pool, gelu, layernorm_epsilon)
-  shapes, axes = model_shapes(fields, layout.num_classes, image_size, layout.channels)
-  params = {"img_encoder": encoder, **({"head": head} if head else {})}
+  decoder_params, decoder_fields = decoder if decoder else (None, None)
+  shapes, axes = model_shapes(fields, layout.num_classes, image_size, layout.channels,
+                              decoder_fields)
+  params = {"img_encoder": encoder, **({"head": head} if head else {}),
+            **({"mae_decoder": decoder_params} if decoder else {})}
   flat = traverse_util.flatten_dict(params, sep="/")
   flat_shapes = traverse_util.flatten_dict(shapes, sep="/")
   misshaped = [f"{k} {tuple(np.shape(v))} vs the model's {tuple(flat_shapes[k].shape)}"
@@ -199,55 +160,44 @@ def fit_encoder(encoder: Dict[str, np.ndarray], head: Mapping[str, np.ndarray],
         misshaped[:3] + [f"missing {k}" for k in missing[:3]] + [f"extra {k}" for k in extra[:3]]))
   params = traverse_util.unflatten_dict(
       {k: np.asarray(v, flat_shapes[k].dtype) for k, v in flat.items()}, sep="/")
-  return params, axes, fields, image_size
+  return Imported(params, axes, fields, image_size, decoder_fields)
 
 
-def config_overrides(fields: Mapping[str, Any], image_size: int) -> Dict[str, Any]:
-  """The `--config.<key>` values that build the imported encoder (model_img keys)."""
+def config_overrides(imported: Imported) -> Dict[str, Any]:
+  """The `--config.<key>` values that build the imported model (model_img, decoder keys)."""
   transformer = ("num_layers", "num_heads", "mlp_dim", "gelu", "qkv_layout", "layer_scale_init")
-  out = {"image_size": image_size}
-  for key, value in fields.items():
+  out = {"image_size": imported.image_size}
+  for key, value in imported.fields.items():
     if key == "patch_size":
       out["model.model_img.patches.size"] = list(value)
     elif key in transformer:
       out[f"model.model_img.transformer.{key}"] = value
     else:
       out[f"model.model_img.{key}"] = value
+  for key, value in (imported.decoder_fields or {}).items():
+    out[f"model.decoder.{key}"] = value
   return out
-
-
-def named_model(model: Optional[str], num_heads: Optional[int] = None,
-                gelu: Optional[str] = None) -> NamedModel:
-  """What `--model` says, with `--num_heads` / `--gelu` taking precedence."""
-  if model:
-    named = parse_model_name(model) if not num_heads else NamedModel(
-        num_heads, "quick" if "quickgelu" in model else "exact", 1e-5 if "clip" in model else 1e-6)
-  elif num_heads:
-    named = NamedModel(num_heads, "exact", 1e-6)
-  else:
-    raise ConversionError("give --model (a timm ViT name) or --num_heads")
-  return dataclasses.replace(named, gelu=gelu) if gelu else named
 
 
 def run_import(src: str, dst: str, model: Optional[str], num_heads: Optional[int] = None,
                image_size: Optional[int] = None, posemb: str = "auto",
                global_pool: Optional[str] = None, qkv_layout: str = "fused",
-               gelu: Optional[str] = None) -> str:
+               gelu: Optional[str] = None,
+               decoder_num_heads: int = mae_decoder.DEFAULT_NUM_HEADS) -> str:
   """The `import` command: returns the written checkpoint directory."""
   check_empty_dst(dst)
   named = named_model(model, num_heads, gelu)
   sd = read_state_dict(src)
-  params, axes, fields, image_size = import_state_dict(sd, named, image_size, posemb, global_pool,
-                                                       qkv_layout)
-  return write_import(dst, params, axes, fields, image_size, {"src": src, "model": model})
+  imported = import_state_dict(sd, named, image_size, posemb, global_pool, qkv_layout,
+                               decoder_num_heads)
+  return write_import(dst, imported, {"src": src, "model": model})
 
 
-def write_import(dst: str, params: Mapping[str, Any], axes: Mapping[str, Any],
-                 fields: Mapping[str, Any], image_size: int, meta: Mapping[str, Any]) -> str:
+def write_import(dst: str, imported: Imported, meta: Mapping[str, Any]) -> str:
   """The imported params as a step-0 t5x checkpoint in `dst` plus the sidecar with the config
   overrides; returns the checkpoint directory."""
-  out = flip_t5x.write_params_checkpoint(dst, params, axes)
-  sidecar = dict(meta, config_overrides=config_overrides(fields, image_size))
+  out = flip_t5x.write_params_checkpoint(dst, imported.params, imported.axes)
+  sidecar = dict(meta, config_overrides=config_overrides(imported))
   paths.write_bytes(paths.join(dst, SIDECAR), json.dumps(sidecar, indent=1).encode())
   return out
 
@@ -296,14 +246,15 @@ def run_export(src: str, dst: str, fmt: str = "timm", model: Optional[str] = Non
     if not layout.cls_token or layout.pooled_norm or not (layout.sincos or layout.cls_posemb):
       raise ConversionError("MAE's fine-tuning loads an encoder with a class token, its position "
                             "row and the final norm; this encoder differs")
+    if "mae_decoder" in params:
+      decoder = traverse_util.flatten_dict(flax.core.unfreeze(params["mae_decoder"]), sep="/")
+      try:
+        sd.update(mae_decoder.decoder_to_mae(decoder, layout.grid, layout.cls_token))
+      except (timm_mapping.MappingError, KeyError) as err:
+        raise ConversionError(f"mae_decoder: {err}") from None
     paths.write_bytes(paths.join(dst, MAE_SAFETENSORS), safetensors_numpy.save(sd))
-    try:
-      import torch  # pylint: disable=g-import-not-at-top (optional)
-    except ImportError:
-      raise ConversionError(f"wrote {paths.join(dst, MAE_SAFETENSORS)}; {MAE_PTH} needs torch, "
-                            "which is not importable") from None
-    with paths.open_file(paths.join(dst, MAE_PTH), "wb") as f:
-      torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, f)
+    files.write_torch_checkpoint(paths.join(dst, MAE_PTH), {"model": sd},
+                                 wrote=paths.join(dst, MAE_SAFETENSORS))
     return paths.join(dst, MAE_PTH)
   named_gelu = gelu or ("quick" if model and "quickgelu" in model else "exact")
   if global_pool is None:
@@ -336,6 +287,8 @@ def parse_args(argv) -> argparse.Namespace:
                       help="import: our attention parameter layout")
   parser.add_argument("--gelu", choices=tuple(timm_mapping.TIMM_ACT),
                       help="the activation (default: from --model, else exact)")
+  parser.add_argument("--decoder_num_heads", type=int, default=mae_decoder.DEFAULT_NUM_HEADS,
+                      help="import: heads of MAE's decoder, when the file has one")
   parser.add_argument("--format", default="timm", choices=("timm", "mae"),
                       help="export: timm's state dict or MAE's fine-tuning checkpoint")
   return parser.parse_args(argv)
@@ -347,7 +300,8 @@ def main(argv=None) -> None:
   try:
     if args.command == "import":
       out = run_import(args.src, args.dst, args.model, args.num_heads, args.image_size,
-                       args.posemb, args.global_pool, args.qkv_layout, args.gelu)
+                       args.posemb, args.global_pool, args.qkv_layout, args.gelu,
+                       args.decoder_num_heads)
       overrides = json.loads(paths.read_bytes(paths.join(args.dst, SIDECAR)))["config_overrides"]
       flags_text = " ".join(f"--config.{k}={json.dumps(v) if isinstance(v, list) else v}"
                             for k, v in overrides.items())
