@@ -147,7 +147,8 @@ class VisionTransformer(layers.EncoderFields):
           "pos_embedding", nn.initializers.normal(stddev=POSEMB_INIT_STDDEV),
           (1, prefix + grid_h * grid_w, self.hidden_size), jnp.float32,
           axes=("_null0", "length", "embed")).astype(self.dtype)
-      cls_posemb, posemb = posemb[:, :prefix], posemb[:, prefix:]
+      if prefix:
+        cls_posemb, posemb = posemb[:, :prefix], posemb[:, prefix:]
     x = x + posemb
 
     token_mask = None
