@@ -25,7 +25,9 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 import torch
 
+from flip import builders
 from flip import checkpoints
+from flip import config as config_lib
 from flip.convert import big_vision
 from flip.convert import flip_t5x
 from flip.convert import timm_mapping
@@ -435,3 +437,23 @@ def test_big_vision_sincos2d_table_is_big_visions():
   y, x = y.flatten()[:, None] * omega[None, :], x.flatten()[:, None] * omega[None, :]
   expected = torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).numpy()
   assert max_diff(big_vision.big_vision_sincos(grid, width)[0], expected) < ATOL
+
+
+def test_imported_directory_is_a_pretrain_dir_of_the_linear_probe_config(tmp_path, capsys):
+  model = timm_vit_model(**STYLES["avg_fc_norm_layerscale"])
+  torch.save({"model": model.state_dict()}, str(tmp_path / "ft.pth"))
+  timm_vit.main(["import", "--src", str(tmp_path / "ft.pth"), "--dst", str(tmp_path / "pre"),
+                 "--model", "vit_tiny_patch16_224", "--num_heads", str(HEADS)])
+  printed = capsys.readouterr().out.split()
+  overrides = [arg[len("--config."):] for arg in printed if arg.startswith("--config.")]
+  config = config_lib.load_config("configs/cfg_linprobe_base.py",
+                                  overrides + [f"data.num_classes={CLASSES}"])
+  assert config.pretrain_dir == str(tmp_path / "pre")
+  task = builders.build_task(config)
+  encoder = builders.load_pretrained_params(config, task, builders.params_shapes(task))
+  variables = flax.core.unfreeze(task.init_variables(jax.random.PRNGKey(0)))
+  variables["params"]["img_encoder"] = encoder["img_encoder"]
+  variables = {k: v for k, v in variables.items() if not k.endswith("_axes")}
+  pixels = images()
+  features = task.model.apply(variables, pixels, train=False, method=task.model.features)
+  assert max_diff(features, timm_outputs(model, pixels)[1]) < ATOL

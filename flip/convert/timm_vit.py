@@ -38,7 +38,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import flax
 from flax import traverse_util
@@ -161,6 +161,12 @@ def fit_encoder(encoder: Dict[str, np.ndarray], head: Mapping[str, np.ndarray],
   params = traverse_util.unflatten_dict(
       {k: np.asarray(v, flat_shapes[k].dtype) for k, v in flat.items()}, sep="/")
   return Imported(params, axes, fields, image_size, decoder_fields)
+
+
+def override_flags(overrides: Mapping[str, Any]) -> List[str]:
+  """`--config.<key>=<value>` arguments (a list value as a tuple without spaces)."""
+  return [f"--config.{k}=({','.join(map(str, v))})" if isinstance(v, list) else f"--config.{k}={v}"
+          for k, v in overrides.items()]
 
 
 def config_overrides(imported: Imported) -> Dict[str, Any]:
@@ -303,8 +309,7 @@ def main(argv=None) -> None:
                        args.posemb, args.global_pool, args.qkv_layout, args.gelu,
                        args.decoder_num_heads)
       overrides = json.loads(paths.read_bytes(paths.join(args.dst, SIDECAR)))["config_overrides"]
-      flags_text = " ".join(f"--config.{k}={json.dumps(v) if isinstance(v, list) else v}"
-                            for k, v in overrides.items())
+      flags_text = " ".join(override_flags(overrides))
       print(f"wrote {out}; use it as --config.pretrain_dir={args.dst} {flags_text}")
     else:
       out = run_export(args.src, args.dst, args.format, args.model, args.image_size,
