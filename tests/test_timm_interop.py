@@ -457,3 +457,15 @@ def test_imported_directory_is_a_pretrain_dir_of_the_linear_probe_config(tmp_pat
   pixels = images()
   features = task.model.apply(variables, pixels, train=False, method=task.model.features)
   assert max_diff(features, timm_outputs(model, pixels)[1]) < ATOL
+
+
+def test_converters_import_no_torch_timm_or_torchvision_at_module_level(repo_root):
+  import ast  # pylint: disable=g-import-not-at-top
+  modules = ["flip/models/posemb.py", "flip/convert/timm_mapping.py", "flip/convert/timm_files.py",
+             "flip/convert/timm_vit.py", "flip/convert/mae_decoder.py", "flip/convert/big_vision.py"]
+  for module in modules:
+    tree = ast.parse((repo_root / module).read_text())
+    for node in tree.body:  # module level only: the torch file readers import it in functions
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      assert not [n for n in names if n.split(".")[0] in ("torch", "timm", "torchvision")], module

@@ -247,17 +247,18 @@ def run_export(src: str, dst: str, fmt: str = "timm", model: Optional[str] = Non
   if fmt not in ("timm", "mae"):
     raise ConversionError(f"--format must be timm or mae, got {fmt!r}")
   sd, layout = export_params(params, image_size, with_head=(fmt == "timm"))
-  paths.makedirs(dst)
+  if fmt == "mae" and (not layout.cls_token or layout.pooled_norm
+                       or not (layout.sincos or layout.cls_posemb)):
+    raise ConversionError("MAE's fine-tuning loads an encoder with a class token, its position "
+                          "row and the final norm; this encoder differs: use --format=timm")
   if fmt == "mae":
-    if not layout.cls_token or layout.pooled_norm or not (layout.sincos or layout.cls_posemb):
-      raise ConversionError("MAE's fine-tuning loads an encoder with a class token, its position "
-                            "row and the final norm; this encoder differs")
     if "mae_decoder" in params:
       decoder = traverse_util.flatten_dict(flax.core.unfreeze(params["mae_decoder"]), sep="/")
       try:
         sd.update(mae_decoder.decoder_to_mae(decoder, layout.grid, layout.cls_token))
       except (timm_mapping.MappingError, KeyError) as err:
         raise ConversionError(f"mae_decoder: {err}") from None
+    paths.makedirs(dst)
     paths.write_bytes(paths.join(dst, MAE_SAFETENSORS), safetensors_numpy.save(sd))
     files.write_torch_checkpoint(paths.join(dst, MAE_PTH), {"model": sd},
                                  wrote=paths.join(dst, MAE_SAFETENSORS))
@@ -269,6 +270,7 @@ def run_export(src: str, dst: str, fmt: str = "timm", model: Optional[str] = Non
     kwargs = timm_mapping.timm_kwargs(layout, POOLS.get(global_pool, global_pool), named_gelu)
   except timm_mapping.MappingError as err:
     raise ConversionError(str(err)) from None
+  paths.makedirs(dst)
   paths.write_bytes(paths.join(dst, TIMM_FILE), safetensors_numpy.save(sd))
   paths.write_bytes(paths.join(dst, KWARGS_FILE),
                     json.dumps({"model": model, "kwargs": kwargs}, indent=1).encode())
