@@ -469,3 +469,13 @@ def test_converters_import_no_torch_timm_or_torchvision_at_module_level(repo_roo
       names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
       assert not [n for n in names if n.split(".")[0] in ("torch", "timm", "torchvision")], module
+
+
+def test_pretrain_dir_table_with_class_row_is_resampled_as_timm_does():
+  rng = np.random.RandomState(3)
+  loaded = {"img_encoder": {"pos_embedding": rng.normal(size=(1, 1 + 16, 8)).astype(np.float32)}}
+  target = {"img_encoder": {"pos_embedding": jax.ShapeDtypeStruct((1, 1 + 36, 8), np.float32)}}
+  fitted = checkpoints.match_params(loaded, target, posemb_grid=(6, 6))
+  expected = resample_abs_pos_embed(torch.from_numpy(loaded["img_encoder"]["pos_embedding"]),
+                                    [6, 6], num_prefix_tokens=1).numpy()
+  assert max_diff(fitted["img_encoder"]["pos_embedding"], expected) < ATOL
