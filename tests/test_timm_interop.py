@@ -311,7 +311,8 @@ def test_mae_export_loads_into_maes_models_and_files_round_trip(tmp_path):
   for key, value in flat.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
   overrides = json.loads((back_dir / timm_vit.SIDECAR).read_text())["config_overrides"]
-  assert overrides["model.model_img.sincos"] is True and overrides["model.decoder.hidden_size"] == 32
+  assert overrides["model.model_img.sincos"] is True
+  assert overrides["model.decoder.hidden_size"] == 32
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   subset = common.load_modules(str(back_dir), shapes, required=(common.ENCODER,),
                                optional=("mae_decoder",))
@@ -379,7 +380,8 @@ def big_vision_npz(path, pool, scanned, prefix):
   block = {"LayerNorm_0/scale": (d,), "LayerNorm_0/bias": (d,), "LayerNorm_1/scale": (d,),
            "LayerNorm_1/bias": (d,), "MlpBlock_0/Dense_0/kernel": (d, m),
            "MlpBlock_0/Dense_0/bias": (m,), "MlpBlock_0/Dense_1/kernel": (m, d),
-           "MlpBlock_0/Dense_1/bias": (d,), "MultiHeadDotProductAttention_0/out/kernel": (HEADS, k, d),
+           "MlpBlock_0/Dense_1/bias": (d,),
+           "MultiHeadDotProductAttention_0/out/kernel": (HEADS, k, d),
            "MultiHeadDotProductAttention_0/out/bias": (d,)}
   for name in ("query", "key", "value"):
     block[f"MultiHeadDotProductAttention_0/{name}/kernel"] = (d, HEADS, k)
@@ -462,7 +464,8 @@ def test_imported_directory_is_a_pretrain_dir_of_the_linear_probe_config(tmp_pat
 def test_converters_import_no_torch_timm_or_torchvision_at_module_level(repo_root):
   import ast  # pylint: disable=g-import-not-at-top
   modules = ["flip/models/posemb.py", "flip/convert/timm_mapping.py", "flip/convert/timm_files.py",
-             "flip/convert/timm_vit.py", "flip/convert/mae_decoder.py", "flip/convert/big_vision.py"]
+             "flip/convert/timm_vit.py", "flip/convert/mae_decoder.py",
+             "flip/convert/big_vision.py"]
   for module in modules:
     tree = ast.parse((repo_root / module).read_text())
     for node in tree.body:  # module level only: the torch file readers import it in functions

@@ -79,7 +79,8 @@ def decoder_to_ours(sd: Mapping[str, Array], num_heads: int, grid: Tuple[int, in
     raise timm_mapping.MappingError(
         f"decoder_pos_embed {table.shape} is not the fixed sin-cos table our decoder computes for "
         f"a {grid[0]}x{grid[1]} grid {'with' if cls_token else 'without'} a class row")
-  blocks = {k[len(PREFIX):]: np.asarray(v) for k, v in sd.items() if k.startswith(PREFIX + "blocks.")}
+  blocks = {k[len(PREFIX):]: np.asarray(v) for k, v in sd.items()
+            if k.startswith(PREFIX + "blocks.")}
   params = {ours: np.transpose(sd[theirs]) if transposed else np.asarray(sd[theirs])
             for ours, theirs, transposed in _PLAIN}
   for n in range(depth):

@@ -39,7 +39,8 @@ def parse_model_name(name: str) -> NamedModel:
   """timm's vit_<size>_patch<p>[_clip][_quickgelu]_<res>[.tag] -> heads, activation, epsilon."""
   match = _NAME.match(name or "")
   if not match or match["size"] not in HEADS:
-    raise ConversionError(f"--model {name!r} is not a timm ViT name vit_<size>_patch<p>_<res>[.tag] "
+    raise ConversionError(f"--model {name!r} is not a timm ViT name "
+                          "vit_<size>_patch<p>_<res>[.tag] "
                           f"with size one of {tuple(HEADS)}: give --num_heads")
   clip = "clip" in match["rest"]
   return NamedModel(num_heads=HEADS[match["size"]],

@@ -105,7 +105,8 @@ def _shape_of(sd: Mapping[str, Array], key: str) -> Tuple[int, ...]:
   return tuple(np.shape(sd[key]))
 
 
-def layout_from_timm(sd: Mapping[str, Array], num_heads: int, grid: Optional[Tuple[int, int]] = None,
+def layout_from_timm(sd: Mapping[str, Array], num_heads: int,
+                     grid: Optional[Tuple[int, int]] = None,
                      posemb: str = "auto", qkv_layout: str = "fused") -> VitLayout:
   """The layout of a timm ViT state dict; `grid` defaults to the square grid of `pos_embed`;
   `posemb` "auto" takes MAE's fixed sin-cos table as sincos=True and any other table as learned."""
@@ -130,15 +131,16 @@ def layout_from_timm(sd: Mapping[str, Array], num_heads: int, grid: Optional[Tup
   grid = tuple(int(g) for g in grid)
   cls_posemb = cls_token and pos_len == grid[0] * grid[1] + 1
   if not cls_posemb and pos_len != grid[0] * grid[1]:
-    raise MappingError(f"pos_embed {_shape_of(sd, 'pos_embed')} does not hold a {grid[0]}x{grid[1]} "
-                       "grid")
+    raise MappingError(f"pos_embed {_shape_of(sd, 'pos_embed')} does not hold a "
+                       f"{grid[0]}x{grid[1]} grid")
   head = "head.weight" in sd
   layout = VitLayout(
       width=width, patch=(ph, pw), channels=channels, depth=depth, num_heads=num_heads,
       mlp_dim=_shape_of(sd, "blocks.0.mlp.fc1.weight")[0], grid=grid, cls_token=cls_token,
       sincos=False, cls_posemb=cls_posemb, ln_pre="norm_pre.weight" in sd,
       patch_bias="patch_embed.proj.bias" in sd, layer_scale="blocks.0.ls1.gamma" in sd,
-      pooled_norm="fc_norm.weight" in sd, num_classes=_shape_of(sd, "head.weight")[0] if head else 0,
+      pooled_norm="fc_norm.weight" in sd,
+      num_classes=_shape_of(sd, "head.weight")[0] if head else 0,
       qkv_layout=qkv_layout)
   if posemb == "learned":
     return layout
@@ -370,7 +372,7 @@ def timm_kwargs(layout: VitLayout, pool: str, gelu: str = "exact",
     raise MappingError(f"timm's VisionTransformer uses LayerNorm epsilon 1e-6, the model "
                        f"{layernorm_epsilon}")
   if layout.patch_bias == layout.ln_pre:
-    raise MappingError(f"timm's VisionTransformer has a patch bias exactly when it has no pre-norm; "
+    raise MappingError("timm's VisionTransformer has a patch bias exactly when it has no pre-norm; "
                        f"the model has patch_bias={layout.patch_bias}, ln_pre={layout.ln_pre}")
   if int(layout.width * (layout.mlp_dim / layout.width)) != layout.mlp_dim:
     raise MappingError(f"timm's mlp_ratio cannot express mlp_dim {layout.mlp_dim} at width "

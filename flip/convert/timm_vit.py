@@ -60,7 +60,8 @@ from flip.models import posemb as posemb_lib
 SIDECAR, TIMM_FILE, KWARGS_FILE = files.SIDECAR, files.TIMM_FILE, files.KWARGS_FILE
 MAE_PTH, MAE_SAFETENSORS = files.MAE_PTH, files.MAE_SAFETENSORS
 ConversionError = files.ConversionError
-NamedModel, parse_model_name, named_model = files.NamedModel, files.parse_model_name, files.named_model
+NamedModel, parse_model_name = files.NamedModel, files.parse_model_name
+named_model = files.named_model
 read_state_dict, check_empty_dst = files.read_state_dict, files.check_empty_dst
 POOLS = {"token": "cls", "avg": "avg"}
 MAE_SHAPE_MASK_RATIO = 0.75  # any ratio in (0, 1): the MAE model's shapes do not depend on it
@@ -93,7 +94,8 @@ def model_shapes(fields: Mapping[str, Any], num_classes: int, image_size: int, c
   else:
     model = classifier_lib.ViTClassifier(img=dict(fields), num_classes=max(num_classes, 1))
   variables = jax.eval_shape(lambda: model.init(rngs, images, train=False))
-  params, axes = flax.core.unfreeze(variables["params"]), flax.core.unfreeze(variables["params_axes"])
+  params = flax.core.unfreeze(variables["params"])
+  axes = flax.core.unfreeze(variables["params_axes"])
   if decoder_fields is None and not num_classes:
     params.pop("head")
     axes.pop("head")
