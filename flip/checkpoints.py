@@ -18,7 +18,8 @@ What this module adds:
 - `load_pretrained_params` (`config.pretrain_dir`): parameters only, for unmasked tuning and
   evaluation; the structure is checked against the model, naming missing, unexpected and
   mis-shaped keys; position embeddings are resized when the image size or patch grid changed
-  (recomputed for sin-cos, which is not a parameter; learned ones are interpolated bilinearly).
+  (recomputed for sin-cos, which is not a parameter; learned ones are resampled as timm does,
+  flip.models.posemb, the class token's row kept).
 - `check_finite`: no non-finite value is ever written into a checkpoint. It checks every floating
   leaf of whatever it is given (the loop passes the whole train state: parameters, optimizer
   moments, flax mutables), on device for jax arrays, so arrays sharded over processes need no
@@ -62,6 +63,7 @@ from t5x import checkpoints as t5x_checkpoints
 
 from flip import compat
 from flip import paths
+from flip.models import posemb as posemb_lib
 
 META_DIR = "flip_meta"
 # t5x's layout (flip.compat): the iterator state's name prefix and its TF checkpoint index suffix.
@@ -324,15 +326,14 @@ def load_params_tree(path: str) -> Dict[str, Any]:
   return load_state_tree(path)["target"]
 
 
-def resize_learned_posemb(posemb: np.ndarray, new_grid: Tuple[int, int]) -> np.ndarray:
-  """[1, gh*gw, D] learned table -> [1, nh*nw, D] by bilinear interpolation on the 2-D grid."""
-  _, n, width = posemb.shape
-  old = int(round(np.sqrt(n)))
-  if old * old != n:
-    raise CheckpointError(f"cannot resize a position embedding of {n} positions (not square)")
-  grid = jnp.asarray(posemb.reshape(old, old, width))
-  resized = jax.image.resize(grid, (new_grid[0], new_grid[1], width), method="bilinear")
-  return np.asarray(resized).reshape(1, new_grid[0] * new_grid[1], width)
+def resize_learned_posemb(posemb: np.ndarray, new_grid: Tuple[int, int],
+                          num_prefix_tokens: int = 0) -> np.ndarray:
+  """[1, prefix + gh*gw, D] learned table (square grid) -> [1, prefix + nh*nw, D], the prefix
+  (class token) rows kept: timm's resampling (flip.models.posemb, antialiased bicubic)."""
+  try:
+    return posemb_lib.resample(posemb, new_grid, num_prefix_tokens)
+  except posemb_lib.PosembError as err:
+    raise CheckpointError(f"cannot resize the position embedding: {err}") from None
 
 
 def _squeezed(shape) -> Tuple[int, ...]:
@@ -345,7 +346,8 @@ def match_params(loaded: Mapping[str, Any], target_shapes: Mapping[str, Any],
                  source: str = "checkpoint") -> Dict[str, Any]:
   """Fits `loaded` params to the model's `target_shapes`, or raises naming every mismatch.
 
-  A learned image position embedding whose length differs is resized to `posemb_grid`.
+  A learned image position embedding whose length differs is resized to `posemb_grid` (its rows
+  beyond the grid's, a class token's, kept).
   """
   flat_loaded = traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep="/")
   flat_target = traverse_util.flatten_dict(flax.core.unfreeze(target_shapes), sep="/")
@@ -356,8 +358,11 @@ def match_params(loaded: Mapping[str, Any], target_shapes: Mapping[str, Any],
     value, want = flat_loaded[key], tuple(flat_target[key].shape)
     if tuple(value.shape) != want:
       is_image_posemb = key.split("/")[-1] in resize_posemb_keys and key.startswith("img_encoder")
-      if is_image_posemb and posemb_grid is not None and value.ndim == 3:
-        value = resize_learned_posemb(value, posemb_grid)
+      resizable = (is_image_posemb and posemb_grid is not None and value.ndim == 3
+                   and len(want) == 3 and want[1] >= posemb_grid[0] * posemb_grid[1])
+      if resizable:
+        value = resize_learned_posemb(value, posemb_grid,
+                                      want[1] - posemb_grid[0] * posemb_grid[1])
       elif _squeezed(value.shape) == _squeezed(want):
         # Only singleton axes differ (a scalar logit scale saved before it became shape (1,)).
         value = np.reshape(value, want)
