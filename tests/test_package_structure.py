@@ -4,6 +4,7 @@
   the trainer.
 - Nothing in flip/ probes a task with hasattr/getattr: tasks declare capabilities.
 - No module of flip/ is over MAX_MODULE_LINES lines, and each starts with a docstring.
+- Importing flip needs neither torch nor open_clip nor timm, and registers no absl flags.
 """
 
 import ast
@@ -60,3 +61,30 @@ def test_modules_are_small_and_say_what_they_own():
     text = path.read_text()
     assert len(text.splitlines()) <= MAX_MODULE_LINES, _relative(path)
     assert ast.get_docstring(ast.parse(text)), f"{_relative(path)} has no module docstring"
+
+
+OPTIONAL_PACKAGES = ("torch", "torchvision", "open_clip", "timm")
+
+
+def _module_level_statements(path: pathlib.Path):
+  """Top-level statements of a module, with those inside `if __name__ == "__main__":` left out."""
+  for node in ast.parse(path.read_text()).body:
+    if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+      continue
+    yield node
+
+
+def test_importing_flip_needs_no_torch_and_defines_no_flags():
+  """torch, open_clip and timm are optional (the converters import them inside functions), and no
+  module of flip/ registers absl flags when imported: only the entry point main.py owns flags."""
+  offenders = []
+  for path in _modules():
+    for node in _module_level_statements(path):
+      if isinstance(node, (ast.Import, ast.ImportFrom)):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""])
+        if any(n.split(".")[0] in OPTIONAL_PACKAGES for n in names):
+          offenders.append(f"{_relative(path)}:{node.lineno} imports {names}")
+      elif isinstance(node, (ast.Assign, ast.Expr)) and "flags.DEFINE_" in ast.unparse(node):
+        offenders.append(f"{_relative(path)}:{node.lineno} defines an absl flag at import")
+  assert offenders == []

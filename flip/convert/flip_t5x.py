@@ -35,15 +35,14 @@ FLIP's optimizer state (`state`) is not imported. A FLIP tensor without a place,
 that nothing fills, or a wrong shape is reported in one line naming the keys (exit 2).
 """
 
+import argparse
 import os
 import re
 import sys
 import tempfile
 import zipfile
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from absl import app
-from absl import flags
 import flax
 from flax import traverse_util
 import jax
@@ -219,25 +218,27 @@ def _directory_with_checkpoint(root: str) -> str:
   raise ConversionError(f"the archive holds no t5x '{compat.T5X_CHECKPOINT_FILE}' file")
 
 
-_SRC = flags.DEFINE_string("src", None, "FLIP's checkpoint: directory or zip")
-_DST = flags.DEFINE_string("dst", None, "new directory for the converted checkpoint")
-_CONFIG = flags.DEFINE_string("config", DEFAULT_CONFIG, "our FLIP config of the same model size")
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m flip.convert.flip_t5x",
+                                   description="FLIP's released t5x checkpoint -> a pretrain_dir")
+  parser.add_argument("--src", required=True, help="FLIP's checkpoint: directory or zip")
+  parser.add_argument("--dst", required=True, help="new directory for the converted checkpoint")
+  parser.add_argument("--config", default=DEFAULT_CONFIG,
+                      help="our FLIP config of the same model size")
+  return parser
 
 
-def main(argv):
-  del argv
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  args = _parser().parse_args(argv)
   process_setup.configure_process()
-  if not _SRC.value or not _DST.value:
-    print("flip.convert.flip_t5x: --src and --dst are required", file=sys.stderr)
-    sys.exit(2)
   try:
-    config = config_lib.load_config(_CONFIG.value)
-    out = convert(_SRC.value, _DST.value, config)
+    config = config_lib.load_config(args.config)
+    out = convert(args.src, args.dst, config)
   except (ConversionError, checkpoints.CheckpointError, config_lib.ConfigError) as err:
     print(f"flip.convert.flip_t5x: {err}", file=sys.stderr)
     sys.exit(2)
-  print(f"wrote {out}; use it as --config.pretrain_dir={_DST.value} with --config={_CONFIG.value}")
+  print(f"wrote {out}; use it as --config.pretrain_dir={args.dst} with --config={args.config}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
