@@ -62,6 +62,7 @@ import numpy as np
 from t5x import checkpoints as t5x_checkpoints
 
 from flip import compat
+from flip import misfit
 from flip import paths
 from flip.models import posemb as posemb_lib
 
@@ -367,18 +368,13 @@ def match_params(loaded: Mapping[str, Any], target_shapes: Mapping[str, Any],
         # Only singleton axes differ (a scalar logit scale saved before it became shape (1,)).
         value = np.reshape(value, want)
       else:
-        misshaped.append(f"{key} {tuple(value.shape)} vs {want}")
+        misshaped.append(misfit.shape_mismatch(key, value.shape, want))
         continue
     out[key] = value.astype(flat_target[key].dtype)
-  problems = []
-  if missing:
-    problems.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-  if unexpected:
-    problems.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
-  if misshaped:
-    problems.append(f"mis-shaped {len(misshaped)} keys (e.g. {'; '.join(misshaped[:3])})")
-  if problems:
-    raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+  line = misfit.misfit_line(source, "the model", missing=missing, extra=unexpected,
+                            misshaped=misshaped)
+  if line:
+    raise CheckpointError(line)
   return traverse_util.unflatten_dict(out, sep="/")
 
 

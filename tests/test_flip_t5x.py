@@ -275,14 +275,14 @@ def test_the_command_line_converts_and_names_problems(flip_checkpoint, tmp_path)
       capture_output=True, text=True, check=False, cwd=os.getcwd())
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("flip.convert.flip_t5x: ") and "wrong shapes" in last, last
+  assert last.startswith("flip.convert.flip_t5x: ") and "wrong shape" in last, last
 
 
 @pytest.mark.parametrize("change,expected", [
-    ("drop", "nothing fills 1 parameters (e.g. img_encoder/Transformer/encoderblock_01/"
-             "MultiHeadSelfAttention_0/value/bias)"),
-    ("extra", "1 FLIP tensors have no place (e.g. img_encoder/extra_thing)"),
-    ("shape", "1 wrong shapes (e.g. img_encoder/cls (1, 1, 8) vs img_encoder/cls (1, 1, 64))"),
+    ("drop", "the FLIP checkpoint does not fit the model: missing 1 (img_encoder/Transformer/"
+             "encoderblock_01/MultiHeadSelfAttention_0/value/bias)"),
+    ("extra", "does not fit the model: 1 without a place (img_encoder/extra_thing)"),
+    ("shape", "does not fit the model: 1 wrong shape (img_encoder/cls (1, 1, 8) vs (1, 1, 64))"),
     ("posemb", "img_encoder/posembed_encoder/pos_embedding is not the fixed 2-D sin-cos table"),
 ])
 def test_a_missing_extra_or_misshaped_tensor_is_named(change, expected):

@@ -283,11 +283,12 @@ def _state(cfg):
 
 @pytest.mark.parametrize("edit,pattern", [
     (lambda sd: sd.pop("visual.transformer.resblocks.1.attn.in_proj_bias"),
-     r"missing 1 key\(s\): visual\.transformer\.resblocks\.1\.attn\.in_proj_bias$"),
+     r"does not fit the open_clip model config: missing 1 "
+     r"\(visual\.transformer\.resblocks\.1\.attn\.in_proj_bias\)$"),
     (lambda sd: sd.__setitem__("visual.head.weight", np.zeros(3, np.float32)),
-     r"1 key\(s\) the architecture has no place for: visual\.head\.weight$"),
+     r": 1 without a place \(visual\.head\.weight\)$"),
     (lambda sd: sd.__setitem__("text_projection", np.zeros((32, 25), np.float32)),
-     r"wrong shape: text_projection \(32, 25\) \(expected \(32, 24\)\)$"),
+     r": 1 wrong shape \(text_projection \(32, 25\) vs \(32, 24\)\)$"),
 ])
 def test_bad_state_dicts_are_one_line_naming_the_key(edit, pattern):
   cfg = tiny_config("openai")

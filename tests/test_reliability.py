@@ -303,7 +303,7 @@ def test_pretrain_dir_of_another_architecture_is_refused_before_any_compute(
   message = str(error.value)
   assert "\n" not in message and message.startswith(f"config.pretrain_dir: {other_architecture_run}")
   assert "unexpected" in message and "txt_encoder/Transformer/encoderblock_01/" in message
-  assert "mis-shaped 2 keys" in message and "img_proj/kernel (32, 24) vs (32, 16)" in message
+  assert "2 wrong shapes (" in message and "img_proj/kernel (32, 24) vs (32, 16)" in message
 
 
 def test_unwritable_workdir_is_refused_before_any_compute(no_compute, tmp_path):

@@ -334,7 +334,7 @@ def test_timm_export_files_load_with_their_kwargs(tmp_path):
 
 @pytest.mark.parametrize("edit,match", [
     ("missing", "missing 1 .*blocks.1.norm2.weight"),
-    ("extra", "have no place .*blocks.0.attn.q_norm.weight"),
+    ("extra", "1 without a place .*blocks.0.attn.q_norm.weight"),
     ("shape", r"blocks.1.mlp.fc1.bias \(100,\) vs \(192,\)"),
     ("heads", "not divisible by 5 heads"),
 ])

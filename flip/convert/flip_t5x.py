@@ -55,6 +55,7 @@ from t5x import train_state as t5x_train_state
 
 from flip import checkpoints
 from flip import compat
+from flip import misfit
 from flip import config as config_lib
 from flip import partitioning
 from flip import paths
@@ -140,18 +141,13 @@ def convert_params(flip_target: Mapping[str, Any], model: flip_lib.FlipModel,
     converted[ours], sources[ours] = value, key
   missing = sorted(set(flat_target) - set(converted))
   extra = sorted(sources[k] for k in set(converted) - set(flat_target))
-  misshaped = [f"{sources[k]} {tuple(converted[k].shape)} vs {k} {tuple(flat_target[k].shape)}"
+  misshaped = [misfit.shape_mismatch(sources[k], converted[k].shape, flat_target[k].shape, k)
                for k in sorted(set(converted) & set(flat_target))
                if tuple(converted[k].shape) != tuple(flat_target[k].shape)]
-  problems = []
-  if missing:
-    problems.append(f"nothing fills {len(missing)} parameters (e.g. {', '.join(missing[:3])})")
-  if extra:
-    problems.append(f"{len(extra)} FLIP tensors have no place (e.g. {', '.join(extra[:3])})")
-  if misshaped:
-    problems.append(f"{len(misshaped)} wrong shapes (e.g. {'; '.join(misshaped[:3])})")
-  if problems:
-    raise ConversionError("the FLIP checkpoint does not fit the model: " + "; ".join(problems))
+  line = misfit.misfit_line("the FLIP checkpoint", "the model", missing=missing, extra=extra,
+                            misshaped=misshaped)
+  if line:
+    raise ConversionError(line)
   return traverse_util.unflatten_dict(
       {k: v.astype(flat_target[k].dtype) for k, v in converted.items()}, sep="/")
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
+from flip import misfit
 from flip.convert import timm_mapping
 
 Array = np.ndarray
@@ -62,17 +63,12 @@ def decoder_to_ours(sd: Mapping[str, Array], num_heads: int, grid: Tuple[int, in
                   if k.startswith("blocks.")}
   expected = set(block_shapes) | {theirs for _, theirs, _ in _PLAIN} | {"decoder_pos_embed"}
   missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-  if missing or extra:
-    raise timm_mapping.MappingError(
-        "the MAE decoder does not fit: " + "; ".join(
-            ([f"missing {len(missing)} (e.g. {', '.join(missing[:3])})"] if missing else [])
-            + ([f"{len(extra)} tensors have no place (e.g. {', '.join(extra[:3])})"]
-               if extra else [])))
-  misshaped = [f"{k} {tuple(np.shape(sd[k]))} vs {v}" for k, v in sorted(block_shapes.items())
-               if tuple(np.shape(sd[k])) != v]
-  if misshaped:
-    raise timm_mapping.MappingError(f"{len(misshaped)} decoder tensors have the wrong shape (e.g. "
-                                    f"{'; '.join(misshaped[:3])})")
+  misshaped = [misfit.shape_mismatch(k, np.shape(sd[k]), v) for k, v in sorted(block_shapes.items())
+               if k in sd and tuple(np.shape(sd[k])) != v]
+  line = misfit.misfit_line("the MAE decoder's tensors", "the decoder layout", missing=missing,
+                            extra=extra, misshaped=misshaped)
+  if line:
+    raise timm_mapping.MappingError(line)
   table, expected_table = np.asarray(sd["decoder_pos_embed"]), timm_mapping.sincos_table(layout)
   if table.shape != expected_table.shape or float(
       np.max(np.abs(table - expected_table))) > timm_mapping.SINCOS_ATOL:

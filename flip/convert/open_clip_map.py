@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
+from flip import misfit
 from flip.convert import open_clip_arch as arch_lib
 
 Shape = Tuple[int, ...]
@@ -161,11 +162,6 @@ def _backward(entry: Entry, x: np.ndarray) -> np.ndarray:
   raise AssertionError(kind)
 
 
-def _names(keys: List[str], limit: int = 3) -> str:
-  shown = ", ".join(keys[:limit])
-  return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
-
-
 def _shape_ok(entry: Entry, shape: Shape) -> bool:
   if entry.oc_shape == ():  # a scalar: open_clip stores [] or [1] (nonscalar_logit_scale)
     return int(np.prod(shape)) == 1
@@ -179,20 +175,14 @@ def to_flip(state_dict: Mapping[str, np.ndarray], arch: arch_lib.Arch,
   known = {entry.oc_key for entry in table}
   missing = [entry.oc_key for entry in table if entry.oc_key not in state_dict]
   extra = sorted(key for key in state_dict if key not in known)
-  misshaped = [f"{entry.oc_key} {tuple(np.shape(state_dict[entry.oc_key]))} (expected "
-               f"{entry.oc_shape})" for entry in table
+  misshaped = [misfit.shape_mismatch(entry.oc_key, np.shape(state_dict[entry.oc_key]),
+                                     entry.oc_shape) for entry in table
                if entry.oc_key in state_dict
                and not _shape_ok(entry, tuple(np.shape(state_dict[entry.oc_key])))]
-  problems = []
-  if missing:
-    problems.append(f"missing {len(missing)} key(s): {_names(missing)}")
-  if extra:
-    problems.append(f"{len(extra)} key(s) the architecture has no place for: {_names(extra)}")
-  if misshaped:
-    problems.append(f"wrong shape: {_names(misshaped)}")
-  if problems:
-    raise MappingError(f"{source} does not fit the open_clip model config: "
-                       + "; ".join(problems))
+  line = misfit.misfit_line(source, "the open_clip model config", missing=missing, extra=extra,
+                            misshaped=misshaped)
+  if line:
+    raise MappingError(line)
   return {entry.ours: _forward(entry, np.asarray(state_dict[entry.oc_key], np.float32)
                                .reshape(entry.oc_shape))
           for entry in table}
@@ -205,18 +195,13 @@ def to_open_clip(flat: Mapping[str, np.ndarray], arch: arch_lib.Arch,
   known = {entry.ours for entry in table}
   missing = [entry.ours for entry in table if entry.ours not in flat]
   extra = sorted(key for key in flat if key not in known)
-  misshaped = [f"{entry.ours} {tuple(np.shape(flat[entry.ours]))} (expected {entry.our_shape})"
+  misshaped = [misfit.shape_mismatch(entry.ours, np.shape(flat[entry.ours]), entry.our_shape)
                for entry in table
                if entry.ours in flat and tuple(np.shape(flat[entry.ours])) != entry.our_shape]
-  problems = []
-  if missing:
-    problems.append(f"missing {len(missing)} parameter(s): {_names(missing)}")
-  if extra:
-    problems.append(f"{len(extra)} parameter(s) open_clip has no place for: {_names(extra)}")
-  if misshaped:
-    problems.append(f"wrong shape: {_names(misshaped)}")
-  if problems:
-    raise MappingError(f"{source} does not fit the open_clip architecture: " + "; ".join(problems))
+  line = misfit.misfit_line(source, "the open_clip architecture", missing=missing, extra=extra,
+                            misshaped=misshaped)
+  if line:
+    raise MappingError(line)
   return {entry.oc_key: np.ascontiguousarray(_backward(entry, np.asarray(flat[entry.ours],
                                                                          np.float32)))
           for entry in table}

@@ -34,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from flip import misfit
 from flip.models import layers
 
 Array = np.ndarray
@@ -303,13 +304,12 @@ def timm_to_ours(sd: Mapping[str, Array], layout: VitLayout
   expected = set(timm_shapes(layout))
   if layout.sincos:
     expected.add("pos_embed")  # checked by layout_from_timm, recomputed by the model
-  _check_keys(set(sd), expected, "tensor of the state dict")
-  misshaped = [f"{key} {tuple(np.shape(sd[key]))} vs {shape}"
+  _check_keys(set(sd), expected, "the state dict")
+  misshaped = [misfit.shape_mismatch(key, np.shape(sd[key]), shape)
                for key, shape in sorted(timm_shapes(layout).items())
                if tuple(np.shape(sd[key])) != shape]
-  if misshaped:
-    raise MappingError(f"{len(misshaped)} tensors have the wrong shape for the layout read off "
-                       f"patch_embed, blocks.0 and pos_embed (e.g. {'; '.join(misshaped[:3])})")
+  _check_keys(set(sd), set(sd), "the state dict", misshaped=misshaped,
+              target="the layout read off patch_embed, blocks.0 and pos_embed")
   encoder = {ours: to_ours(np.asarray(sd[theirs])) for ours, theirs, to_ours, _ in _pairs(layout)}
   for n in range(layout.depth):
     encoder.update(block_to_ours(sd, n, layout))
@@ -326,7 +326,7 @@ def ours_to_timm(encoder: Mapping[str, Array], head: Optional[Mapping[str, Array
   zeros = {key: np.zeros(shape, np.float32) for key, shape in timm_shapes(headless).items()}
   expected = set(timm_to_ours(dict(zeros, **({"pos_embed": 0} if layout.sincos else {})),
                               headless)[0])
-  _check_keys(set(encoder), expected, "img_encoder parameter")
+  _check_keys(set(encoder), expected, "the img_encoder parameters")
   sd = {theirs: np.ascontiguousarray(to_timm(np.asarray(encoder[ours])))
         for ours, theirs, _, to_timm in _pairs(layout)}
   for n in range(layout.depth):
@@ -339,15 +339,12 @@ def ours_to_timm(encoder: Mapping[str, Array], head: Optional[Mapping[str, Array
   return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 
 
-def _check_keys(present: set, expected: set, what: str) -> None:
-  missing, extra = sorted(expected - present), sorted(present - expected)
-  problems = []
-  if extra:
-    problems.append(f"{len(extra)} {what}s have no place (e.g. {', '.join(extra[:3])})")
-  if missing:
-    problems.append(f"missing {len(missing)} (e.g. {', '.join(missing[:3])})")
-  if problems:
-    raise MappingError("; ".join(problems))
+def _check_keys(present: set, expected: set, what: str, misshaped=(),
+                target: str = "the ViT layout") -> None:
+  line = misfit.misfit_line(what, target, missing=sorted(expected - present),
+                            extra=sorted(present - expected), misshaped=misshaped)
+  if line:
+    raise MappingError(line)
 
 
 def vit_fields(layout: VitLayout, pool: str, gelu: str = "exact",
