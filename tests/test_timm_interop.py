@@ -427,7 +427,7 @@ def test_big_vision_map_head_is_refused_naming_it(tmp_path):
   npz = big_vision_npz(str(tmp_path / "bv.npz"), "gap", False, "params/")
   arrays = dict(np.load(npz))
   arrays["params/MAPHead_0/probe"] = np.zeros((1, 1, WIDTH), np.float32)
-  with pytest.raises(timm_vit.ConversionError, match="no place .*MAPHead_0/probe"):
+  with pytest.raises(timm_vit.ConversionError, match="without a place .*MAPHead_0/probe"):
     big_vision.convert(arrays)
 
 

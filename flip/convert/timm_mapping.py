@@ -326,7 +326,7 @@ def ours_to_timm(encoder: Mapping[str, Array], head: Optional[Mapping[str, Array
   zeros = {key: np.zeros(shape, np.float32) for key, shape in timm_shapes(headless).items()}
   expected = set(timm_to_ours(dict(zeros, **({"pos_embed": 0} if layout.sincos else {})),
                               headless)[0])
-  _check_keys(set(encoder), expected, "the img_encoder parameters")
+  _check_keys(set(encoder), expected, "the img_encoder parameter tree")
   sd = {theirs: np.ascontiguousarray(to_timm(np.asarray(encoder[ours])))
         for ours, theirs, _, to_timm in _pairs(layout)}
   for n in range(layout.depth):
