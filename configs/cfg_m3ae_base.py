@@ -49,6 +49,7 @@ def get_m3ae_config(size: str) -> ml_collections.ConfigDict:
   m3ae.loss_all_patches = False  # M3AE: loss on the masked patches only
   m3ae.discretized_image = False  # M3AE: True = VQGAN code targets (needs vqgan.weights)
   m3ae.vocab_size = BERT_VOCAB_SIZE
+  m3ae.vocab_file = ""  # ours: a WordPiece vocabulary file, "" = BERT uncased (the package's)
   m3ae.text_max_len = 64  # M3AE: paired captions
   m3ae.unpaired_text_max_len = 256  # M3AE: text-only examples
   # ours: the frozen tokenizer of discretized_image (flip.models.vqgan): the user's weights file
