@@ -78,7 +78,12 @@ def get_m3ae_config(size: str) -> ml_collections.ConfigDict:
       "type_embedding", "image_type_embedding", "text_type_embedding", "text_mask_token")
   config.aug.area_range = (0.2, 1.0)  # ours: MAE's crop (M3AE resizes and crops CC12M images)
   config.save_every_epochs = 5.0
-  config.eval_every_epochs = 5.0  # ours: reconstruction grid
+  config.eval_every_epochs = 5.0  # ours: reconstruction grid and captions
+  # ours: masked and predicted captions as text in tensorboard (flip.evals.caption_reconstruction)
+  config.evals.captions = default.eval_entry(
+      config, "caption_reconstruction", "",  # held-out HDF5 file(s), paired or text-only; "" = off
+      num_captions=8,  # captions shown
+      seed=0)  # seed of their image and text masks
   return config
 
 

@@ -29,6 +29,7 @@ def get_config(arg=None):
   config.data.text_only = f"{DEMO_FILES}/text.h5"
   config.data.text_only_rate = 0.2  # ours
   config.image_normalization = "imagenet"  # the MAE demo's, which the demo probe uses
+  config.evals.captions.dataset = f"{DEMO_FILES}/{demo_hdf5.HELDOUT_FILE}"
   config.model.m3ae.vocab_file = f"{DEMO_FILES}/{demo_hdf5.VOCAB_FILE}"
   config.model.m3ae.vocab_size = demo_hdf5.DEMO_VOCAB_SIZE
   config.model.m3ae.text_max_len = 12

@@ -5,8 +5,9 @@
 
 writes `<out_dir>/paired.h5` (the training images as single-channel JPEGs in `jpg`, their captions
 from `flip.data.demo.make_captions` in `caption`) and `<out_dir>/text.h5` (`text`: captions drawn
-with another seed for the same labels, with no image: the text-only source) and
-`<out_dir>/vocab.txt`, the demo's WordPiece vocabulary: the BERT uncased entries that the demo's
+with another seed for the same labels, with no image: the text-only source),
+`<out_dir>/heldout.h5` (the first NUM_HELDOUT test images with captions of a third seed, in the
+paired layout: the held-out captions of the caption reconstructions) and `<out_dir>/vocab.txt`, the demo's WordPiece vocabulary: the BERT uncased entries that the demo's
 captions can produce ([PAD] first, [UNK], [CLS], then the word pieces in BERT's order), filled up
 to DEMO_VOCAB_SIZE entries with `[unusedN]`. WordPiece on it splits every demo caption exactly as
 on the full BERT vocabulary (greedy longest match over a subset that contains every piece chosen on
@@ -28,7 +29,10 @@ from flip.data import demo
 PAIRED_FILE = "paired.h5"
 TEXT_FILE = "text.h5"
 VOCAB_FILE = "vocab.txt"
+HELDOUT_FILE = "heldout.h5"
 TEXT_SEED_OFFSET = 1
+HELDOUT_SEED_OFFSET = 2
+NUM_HELDOUT = 1000
 DEMO_VOCAB_SIZE = 128  # one row block of the token table (flip.models.text.VOCAB_ROW_MULTIPLE)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]")
 
@@ -84,6 +88,12 @@ def build(fashion_mnist_dir: str, out_dir: str, num_train: int = demo.NUM_TRAIN,
   vocab = os.path.join(out_dir, VOCAB_FILE)
   if not os.path.exists(vocab):
     _write_vocab(vocab)
+  heldout = os.path.join(out_dir, HELDOUT_FILE)
+  if not os.path.exists(heldout):
+    images, labels = demo.load_split(fashion_mnist_dir, "test")
+    images, labels = images[:NUM_HELDOUT], labels[:NUM_HELDOUT]
+    _write(heldout, {"jpg": [demo.encode_jpeg(image) for image in images],
+                     "caption": demo.make_captions(labels, seed + HELDOUT_SEED_OFFSET)})
   if os.path.exists(paired) and os.path.exists(text):
     return
   images, labels = demo.load_split(fashion_mnist_dir, "train")
@@ -103,7 +113,8 @@ def main(argv: Sequence[str]) -> None:
   except demo.DemoDataError as e:
     print(f"flip.data.demo_hdf5: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"M3AE demo files in {FLAGS.out_dir}: {PAIRED_FILE}, {TEXT_FILE}, {VOCAB_FILE}")
+  print(f"M3AE demo files in {FLAGS.out_dir}: {PAIRED_FILE}, {TEXT_FILE}, {HELDOUT_FILE}, "
+        f"{VOCAB_FILE}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,14 @@ def vocabulary(config: ml_collections.ConfigDict) -> text_lib.BertUncasedVocabul
   return vocab
 
 
+def vocab_entries(config: ml_collections.ConfigDict) -> List[str]:
+  """The entries of `vocabulary(config)`'s file, indexed by token id."""
+  path = str(config.model.m3ae.get("vocab_file", "") or "") or text_lib.bert_vocab_path()
+  vocabulary(config)  # the same checks
+  with tf.io.gfile.GFile(path, "r") as f:
+    return [line.rstrip("\n") for line in f]
+
+
 def _reason(caption: tf.Tensor) -> tf.Tensor:
   valid_utf8 = tf.equal(
       tf.strings.unicode_transcode(caption, "UTF-8", "UTF-8", errors="replace"), caption)

@@ -79,6 +79,7 @@ class M3aeTask(registry.Task):
 
   name = "m3ae"
   capabilities = frozenset({registry.Capability.RECONSTRUCTS,
+                            registry.Capability.RECONSTRUCTS_TEXT,
                             registry.Capability.LOADS_PRETRAINED_SUBSET})
 
   def __init__(self, config: Any):
@@ -223,6 +224,21 @@ class M3aeTask(registry.Task):
                                  self.loss_all_patches)["image"])
     return ({k: outputs[k] for k in ("pred", "target", "mask")},
             sums["image"] / jnp.maximum(count, 1.0))
+
+  def reconstruct_text(self, params: Params, images: Array, text: Array, paired: Array,
+                       image_noise: Array, text_noise: Array) -> Dict[str, Array]:
+    """Captions with their masked tokens replaced by the token head's argmax (inference mode):
+    {"predicted": int32 [B, L], "text_mask": [B, L] (1 = masked real token)}."""
+    batch = {"image": images, "text": text, "paired": paired}
+    outputs = self.forward(params, batch, image_noise, text_noise)
+    guesses = jnp.argmax(outputs["text_logits"], axis=-1).astype(jnp.int32)
+    guesses = jnp.where(outputs["text_position_valid"], guesses, 0)
+    rows = jnp.arange(text.shape[0])[:, None]
+    # Unused slots add 0, so a position they repeat keeps its one real guess.
+    at_masked = jnp.zeros_like(text).at[rows, outputs["text_positions"]].add(guesses)
+    masked = outputs["text_mask"] > 0
+    return {"predicted": jnp.where(masked, at_masked, text).astype(jnp.int32),
+            "text_mask": outputs["text_mask"]}
 
   def draw_noise(self, rng: Array, batch: Mapping[str, Array]) -> Tuple[Array, Array, Array]:
     """A step's image noise [B, N], text noise [B, L] (independent streams) and model rng."""
