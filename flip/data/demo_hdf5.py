@@ -7,7 +7,10 @@ writes `<out_dir>/paired.h5` (the training images as single-channel JPEGs in `jp
 from `flip.data.demo.make_captions` in `caption`) and `<out_dir>/text.h5` (`text`: captions drawn
 with another seed for the same labels, with no image: the text-only source),
 `<out_dir>/heldout.h5` (the first NUM_HELDOUT test images with captions of a third seed, in the
-paired layout: the held-out captions of the caption reconstructions) and `<out_dir>/vocab.txt`, the demo's WordPiece vocabulary: the BERT uncased entries that the demo's
+paired layout: the held-out captions of the caption reconstructions), `<out_dir>/imagenet.h5` (the
+training and test images with their labels in M3AE's ImageNet layout, `train_jpg` /
+`train_labels` / `val_jpg` / `val_labels`: the linear probes' data set `hdf5:<out_dir>/imagenet.h5`)
+and `<out_dir>/vocab.txt`, the demo's WordPiece vocabulary: the BERT uncased entries that the demo's
 captions can produce ([PAD] first, [UNK], [CLS], then the word pieces in BERT's order), filled up
 to DEMO_VOCAB_SIZE entries with `[unusedN]`. WordPiece on it splits every demo caption exactly as
 on the full BERT vocabulary (greedy longest match over a subset that contains every piece chosen on
@@ -30,6 +33,7 @@ PAIRED_FILE = "paired.h5"
 TEXT_FILE = "text.h5"
 VOCAB_FILE = "vocab.txt"
 HELDOUT_FILE = "heldout.h5"
+IMAGENET_FILE = "imagenet.h5"
 TEXT_SEED_OFFSET = 1
 HELDOUT_SEED_OFFSET = 2
 NUM_HELDOUT = 1000
@@ -42,7 +46,9 @@ def _write(path: str, columns) -> None:
   tmp = path + ".tmp"
   with h5py.File(tmp, "w") as f:
     for name, values in columns.items():
-      if name == "jpg":
+      if name.endswith("labels"):
+        f.create_dataset(name, data=np.asarray(values, np.int64))
+      elif name.endswith("jpg"):
         data = f.create_dataset(name, (len(values),), dtype=h5py.vlen_dtype(np.uint8))
         for row, value in enumerate(values):
           data[row] = np.frombuffer(value, np.uint8)
@@ -94,12 +100,18 @@ def build(fashion_mnist_dir: str, out_dir: str, num_train: int = demo.NUM_TRAIN,
     images, labels = images[:NUM_HELDOUT], labels[:NUM_HELDOUT]
     _write(heldout, {"jpg": [demo.encode_jpeg(image) for image in images],
                      "caption": demo.make_captions(labels, seed + HELDOUT_SEED_OFFSET)})
-  if os.path.exists(paired) and os.path.exists(text):
+  labelled = os.path.join(out_dir, IMAGENET_FILE)
+  if os.path.exists(paired) and os.path.exists(text) and os.path.exists(labelled):
     return
   images, labels = demo.load_split(fashion_mnist_dir, "train")
   images, labels = images[:num_train], labels[:num_train]
-  _write(paired, {"jpg": [demo.encode_jpeg(image) for image in images],
-                  "caption": demo.make_captions(labels, seed)})
+  jpegs = [demo.encode_jpeg(image) for image in images]
+  if not os.path.exists(labelled):
+    test_images, test_labels = demo.load_split(fashion_mnist_dir, "test")
+    _write(labelled, {"train_jpg": jpegs, "train_labels": labels,
+                      "val_jpg": [demo.encode_jpeg(image) for image in test_images],
+                      "val_labels": test_labels})
+  _write(paired, {"jpg": jpegs, "caption": demo.make_captions(labels, seed)})
   _write(text, {"text": demo.make_captions(labels, seed + TEXT_SEED_OFFSET)})
 
 
@@ -114,7 +126,7 @@ def main(argv: Sequence[str]) -> None:
     print(f"flip.data.demo_hdf5: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"M3AE demo files in {FLAGS.out_dir}: {PAIRED_FILE}, {TEXT_FILE}, {HELDOUT_FILE}, "
-        f"{VOCAB_FILE}")
+        f"{IMAGENET_FILE}, {VOCAB_FILE}")
 
 
 if __name__ == "__main__":
