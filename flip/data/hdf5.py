@@ -14,7 +14,8 @@ global index. Per-host sharding: host `shard_index` of `num_shards` reads the gl
 (`tf.random.experimental.index_shuffle`, seeded by (seed, shard, epoch)); epochs repeat forever
 unless `num_epochs` is given. The dataset is a range of epochs, a range of row numbers and a
 deterministic map that reads the rows (`tf.py_function` on h5py, a pure function of the row
-numbers, READ_CHUNK_ROWS rows of an epoch per call, then unbatched): saving `tf.train.Checkpoint(iterator=...)` stores the positions, and a restored iterator
+numbers, READ_CHUNK_ROWS rows of an epoch per call, then unbatched): saving
+`tf.train.Checkpoint(iterator=...)` stores the positions, and a restored iterator
 continues with exactly the rows the uninterrupted one would have read.
 
 `labelled_source` makes the ImageNet layout a labelled set of `flip.data.classification` (the data
