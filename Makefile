@@ -93,15 +93,19 @@ demo-mae: install fashion-mnist
 	@echo "linear probe: $$(grep -h 'eval at step' $(DEMO_WORKDIR)-mae/linprobe.log | tail -1)"
 	@echo "fine-tuning:  $$(grep -h 'eval at step' $(DEMO_WORKDIR)-mae/finetune.log | tail -1)"
 
-# The M3AE demo (docs/M3AE.md): the demo set written as HDF5 (paired images + captions, and a
-# text-only file), M3AE pretraining on both, a linear probe of its frozen encoder, and for
-# comparison the same probe of the MAE demo's encoder (pretrained here too) and of a random
-# encoder, in $(DEMO_WORKDIR)-m3ae. Every stage's output is kept in <stage>.log.
+# The M3AE demo (docs/M3AE.md): the demo set written as HDF5 (paired images + captions, a
+# text-only file, held-out captions, the images with labels in M3AE's ImageNet layout and the
+# demo's WordPiece vocabulary), M3AE pretraining on both sources, a linear probe of its frozen
+# encoder, and for comparison the same probe of the MAE demo's encoder (pretrained here too) and of
+# a random encoder, every probe on the ImageNet-layout file (hdf5:), in $(DEMO_WORKDIR)-m3ae.
+# Every stage's output is kept in <stage>.log.
 M3AE_WD = $(DEMO_WORKDIR)-m3ae
+M3AE_PROBE_DATA = --config.data.train=hdf5:$(DEMO_M3AE_DATA)/imagenet.h5 \
+  --config.evals.classification.dataset=hdf5:$(DEMO_M3AE_DATA)/imagenet.h5
 demo-m3ae: install fashion-mnist
+	rm -rf $(M3AE_WD) && mkdir -p $(M3AE_WD) && date +%s > $(M3AE_WD)/start_time
 	$(PY) -m flip.data.demo --fashion_mnist_dir=$(FASHION_MNIST) --out_dir=$(DEMO_DATA)
 	$(PY) -m flip.data.demo_hdf5 --fashion_mnist_dir=$(FASHION_MNIST) --out_dir=$(DEMO_M3AE_DATA)
-	rm -rf $(M3AE_WD) && mkdir -p $(M3AE_WD) && date +%s > $(M3AE_WD)/start_time
 	@echo "== M3AE pretraining (image and text masks 0.75; paired + text-only HDF5)"
 	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/m3ae --config=configs/cfg_m3ae_demo.py \
 	  --config.data.train=$(DEMO_M3AE_DATA)/paired.h5 \
@@ -109,19 +113,19 @@ demo-m3ae: install fashion-mnist
 	@echo "== linear probe of the frozen M3AE encoder"
 	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/linprobe-m3ae \
 	  --config=configs/cfg_linprobe_demo.py --config.pretrain_dir=$(M3AE_WD)/m3ae \
-	  2>&1 | tee $(M3AE_WD)/linprobe-m3ae.log
+	  $(M3AE_PROBE_DATA) 2>&1 | tee $(M3AE_WD)/linprobe-m3ae.log
 	@echo "== MAE pretraining (the MAE demo's) and the same probe"
 	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/mae --config=configs/cfg_mae_demo.py \
 	  2>&1 | tee $(M3AE_WD)/mae.log
 	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/linprobe-mae \
 	  --config=configs/cfg_linprobe_demo.py --config.pretrain_dir=$(M3AE_WD)/mae \
-	  2>&1 | tee $(M3AE_WD)/linprobe-mae.log
+	  $(M3AE_PROBE_DATA) 2>&1 | tee $(M3AE_WD)/linprobe-mae.log
 	@echo "== the same probe of a random encoder"
 	set -o pipefail; $(PY) main.py --workdir=$(M3AE_WD)/linprobe-random \
-	  --config=configs/cfg_linprobe_demo.py 2>&1 | tee $(M3AE_WD)/linprobe-random.log
+	  --config=configs/cfg_linprobe_demo.py $(M3AE_PROBE_DATA) 2>&1 | tee $(M3AE_WD)/linprobe-random.log
 	@echo "== M3AE demo results ($$(( $$(date +%s) - $$(cat $(M3AE_WD)/start_time) )) s)"
 	@echo "M3AE pretraining: $$(grep -h '^step ' $(M3AE_WD)/m3ae.log | tail -1)"
-	@echo "M3AE reconstruction: $$(grep -h 'eval at step' $(M3AE_WD)/m3ae.log | tail -1)"
+	@echo "M3AE reconstructions: $$(grep -h 'eval at step' $(M3AE_WD)/m3ae.log | tail -2 | tr '\n' ' ')"
 	@echo "linear probe, M3AE encoder:  $$(grep -h 'eval at step' $(M3AE_WD)/linprobe-m3ae.log | tail -1)"
 	@echo "linear probe, MAE encoder:   $$(grep -h 'eval at step' $(M3AE_WD)/linprobe-mae.log | tail -1)"
 	@echo "linear probe, random encoder: $$(grep -h 'eval at step' $(M3AE_WD)/linprobe-random.log | tail -1)"

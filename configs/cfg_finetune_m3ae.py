@@ -6,6 +6,9 @@ The image side of the M3AE run is loaded as by cfg_linprobe_m3ae.py (256 px, CC1
 type embedding folded). M3AE's recipe: layer-wise lr decay 0.60, mixup 0.8, cutmix 1.0, switch
 probability 0.5, label smoothing 0.1, drop path 0.1, batch 1024, peak lr 1e-3, 100 epochs with 5
 of warmup; the rest (AdamW, RandAugment, erasing, global pool) is cfg_finetune_base's (MAE's).
+M3AE's ImageNet HDF5 files are read with the `hdf5:` data-set name, as in cfg_linprobe_m3ae.py:
+`--config.data.train=hdf5:/data/imagenet.hdf5` and
+`--config.evals.classification.dataset=hdf5:/data/imagenet.hdf5`.
 """
 
 from configs import cfg_finetune_base

@@ -2,6 +2,15 @@
 
     python3 main.py --workdir=$WD --config=configs/cfg_linprobe_m3ae.py --config.pretrain_dir=$PRE
 
+ImageNet is read as configured for the MAE family (tfds `imagenet2012`, an image folder), or from
+M3AE's ImageNet HDF5 files with the `hdf5:` data-set name (flip.data.dataset_spec):
+
+    --config.data.train=hdf5:/data/imagenet.hdf5 \
+    --config.evals.classification.dataset=hdf5:/data/imagenet.hdf5
+
+trains on their `train_jpg` / `train_labels` and evaluates on `val_jpg` / `val_labels` (one file
+or several, comma-separated paths or globs, any filesystem tf.io.gfile reads).
+
 `config.pretrain_dir` is an M3AE run (cfg_m3ae_base.py): its `img_encoder` is loaded (the image
 type embedding folded into the patch bias, flip.tasks.common), frozen, and a BatchNorm without
 affine parameters plus a linear head are trained. M3AE's recipe: SGD with momentum 0.9, peak lr

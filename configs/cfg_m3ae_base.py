@@ -49,6 +49,7 @@ def get_m3ae_config(size: str) -> ml_collections.ConfigDict:
   m3ae.loss_all_patches = False  # M3AE: loss on the masked patches only
   m3ae.discretized_image = False  # M3AE: True = VQGAN code targets (needs vqgan.weights)
   m3ae.vocab_size = BERT_VOCAB_SIZE
+  m3ae.vocab_file = ""  # ours: a WordPiece vocabulary file, "" = BERT uncased (the package's)
   m3ae.text_max_len = 64  # M3AE: paired captions
   m3ae.unpaired_text_max_len = 256  # M3AE: text-only examples
   # ours: the frozen tokenizer of discretized_image (flip.models.vqgan): the user's weights file
@@ -77,7 +78,12 @@ def get_m3ae_config(size: str) -> ml_collections.ConfigDict:
       "type_embedding", "image_type_embedding", "text_type_embedding", "text_mask_token")
   config.aug.area_range = (0.2, 1.0)  # ours: MAE's crop (M3AE resizes and crops CC12M images)
   config.save_every_epochs = 5.0
-  config.eval_every_epochs = 5.0  # ours: reconstruction grid
+  config.eval_every_epochs = 5.0  # ours: reconstruction grid and captions
+  # ours: masked and predicted captions as text in tensorboard (flip.evals.caption_reconstruction)
+  config.evals.captions = default.eval_entry(
+      config, "caption_reconstruction", "",  # held-out HDF5 file(s), paired or text-only; "" = off
+      num_captions=8,  # captions shown
+      seed=0)  # seed of their image and text masks
   return config
 
 

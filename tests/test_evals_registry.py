@@ -123,11 +123,11 @@ def test_entries_build_in_order_with_defaults_and_periods_and_empty_datasets_are
 def test_bad_entries_are_refused_in_one_line_naming_the_key(recorder):
   cases = [
       (dict(type="nope", dataset="x"),
-       "unknown evaluator type config.evals.e.type='nope'; known: classification, reconstruction, "
-       "recorder, retrieval, zeroshot"),
+       "unknown evaluator type config.evals.e.type='nope'; known: caption_reconstruction, "
+       "classification, reconstruction, recorder, retrieval, zeroshot"),
       (dict(type="", dataset="x"),
-       "config.evals.e.type is empty; known types: classification, reconstruction, recorder, "
-       "retrieval, zeroshot"),
+       "config.evals.e.type is empty; known types: caption_reconstruction, classification, "
+       "reconstruction, recorder, retrieval, zeroshot"),
       (dict(type="recorder", dataset="x", extr=2),
        "unknown key config.evals.e.extr for type 'recorder' (known: batch_size, dataset, "
        "every_epochs, extra, type)"),

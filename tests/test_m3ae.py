@@ -137,18 +137,21 @@ def test_masks_differ_per_example_and_per_modality(task_and_params):
 
 # ---------------------------------------------------------------- losses
 
-def test_text_loss_is_cross_entropy_on_masked_real_tokens_only(task_and_params, forward):
+def test_text_loss_is_cross_entropy_on_masked_real_tokens_only(task_and_params):
   task, params = task_and_params
+  full = full_logits_task(task)  # logits at every position: the reference's view
   batch = make_batch(4, paired=(1, 1, 0, 1))
   rng = np.random.default_rng(6)
   noise = (rng.uniform(size=(BATCH, NUM_PATCHES)).astype(np.float32),
            rng.uniform(size=(BATCH, TEXT_LEN)).astype(np.float32))
-  outputs = forward(params, batch, *noise)
-  sums = task.term_sums(params, batch, outputs)
-  counts = {k: jnp.sum(v) for k, v in task.weights_for(*noise, batch).items()}
-  _, metrics = task.combine(sums, counts)
+  outputs = compile_fast(full.forward, params, batch, *noise)(params, batch, *noise)
+  np.testing.assert_array_equal(np.asarray(outputs["text_positions"]),
+                                np.tile(np.arange(TEXT_LEN), (BATCH, 1)))
+  sums = full.term_sums(params, batch, outputs)
+  counts = {k: jnp.sum(v) for k, v in full.weights_for(*noise, batch).items()}
+  _, metrics = full.combine(sums, counts)
 
-  masked = np_text_mask(noise[1], batch["text"], task.text_mask_ratio)
+  masked = np_text_mask(noise[1], batch["text"], full.text_mask_ratio)
   ce = np_cross_entropy(np.asarray(outputs["text_logits"]), batch["text"])
   paired = batch["paired"][:, None].astype(np.float64)
   for name, rows in (("text_loss", paired), ("unpaired_text_loss", 1 - paired)):
@@ -158,9 +161,57 @@ def test_text_loss_is_cross_entropy_on_masked_real_tokens_only(task_and_params, 
   # Logits at padding and at kept tokens do not enter the loss.
   shifted = dict(outputs, text_logits=outputs["text_logits"] + 50.0 * jnp.asarray(
       (masked == 0)[..., None] * np.eye(VOCAB * 2)[batch["text"]], jnp.float32))
-  _, shifted_metrics = task.combine(task.term_sums(params, batch, shifted), counts)
+  _, shifted_metrics = full.combine(full.term_sums(params, batch, shifted), counts)
   np.testing.assert_allclose(float(shifted_metrics["text_loss"]), float(metrics["text_loss"]),
                              rtol=1e-6)
+
+
+def full_logits_task(task):
+  full = m3ae_tasks.M3aeTask(task.config)
+  full.model = full.model.clone(all_text_logits=True)
+  return full
+
+
+@pytest.mark.parametrize("length", [0, 1, 5, 8, 13, 16, 64])
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.3])
+def test_the_gathered_text_slots_are_exactly_the_masked_real_tokens(length, ratio):
+  rng = np.random.default_rng(length)
+  text = rng.integers(1, VOCAB, (6, length)).astype(np.int32)
+  text[np.arange(length)[None] >= np.array([length, 0, 1, length // 2, 3, length - 1])[:, None]] = 0
+  noise = rng.uniform(size=text.shape).astype(np.float32)
+  text_mask = m3ae_lib.text_mask_from_noise(jnp.asarray(noise), jnp.asarray(text), ratio)
+  slots = np.asarray(text_mask.masked_indices)
+  valid = np.asarray(text_mask.masked_valid)
+  expected = np_text_mask(noise, text, ratio)
+  # Static: the slot count depends on L and the ratio only (the most any example can mask).
+  assert slots.shape == (6, m3ae_lib.num_masked_slots(length, ratio))
+  assert np.sum(expected, 1).max(initial=0) <= slots.shape[1]
+  assert m3ae_lib.num_masked_slots(length, ratio) == max(
+      (n - int(np.floor(n * (1 - ratio) + 0.5)) for n in range(length + 1)), default=0)
+  for row in range(6):
+    assert sorted(slots[row][valid[row]]) == list(np.flatnonzero(expected[row]))
+
+
+def test_the_loss_over_gathered_logits_equals_the_loss_over_full_logits(task_and_params):
+  task, params = task_and_params
+  full = full_logits_task(task)
+  batch = make_batch(21, paired=(1, 0, 1, 1))
+  rng = jax.random.PRNGKey(22)
+  losses_and_grads = [compile_fast(t.compute_grads, params, batch, rng)(params, batch, rng)
+                      for t in (task, full)]
+  (loss, metrics, grads), (full_loss, full_metrics, full_grads) = losses_and_grads
+  assert float(metrics["text_loss"]) > 0 and float(metrics["unpaired_text_loss"]) > 0
+  np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-6)
+  for key in metrics:
+    np.testing.assert_allclose(float(metrics[key]), float(full_metrics[key]), rtol=1e-6)
+  flat_grads, flat_full = flat(grads), flat(full_grads)
+  for key, grad in flat_full.items():
+    np.testing.assert_allclose(flat_grads[key], grad, rtol=1e-5, atol=1e-7, err_msg=key)
+  image_noise, text_noise, _ = task.draw_noise(rng, batch)
+  gathered = compile_fast(task.forward, params, batch, image_noise, text_noise)(
+      params, batch, image_noise, text_noise)
+  assert gathered["text_logits"].shape == (BATCH, m3ae_lib.num_masked_slots(TEXT_LEN, 0.75),
+                                           VOCAB * 2)
 
 
 def test_image_loss_with_the_text_branch_off_equals_the_mae_task(tmp_path):

@@ -7,6 +7,9 @@ A data set is named by one string (`config.data.train`, `config.data.eval`):
 - "folder:<dir>" or an existing directory: one sub-folder per class (labels follow the sorted
   sub-folder names, which are also the class names), images inside (the extensions
   `flip.data.eval_sources` reads); the ImageNet train/val folder layout works as it is;
+- "hdf5:<files>": HDF5 files in M3AE's ImageNet layout (comma-separated paths or globs, any
+  filesystem tf.io.gfile reads): training reads `train_jpg` / `train_labels`, evaluation
+  `val_jpg` / `val_labels` (`flip.data.hdf5.labelled_source`);
 - "demo:<dir>": the Fashion-MNIST demo set of `flip.data.demo` (TFRecords whose `jpg` and `label`
   columns are read; the captions are ignored). `<dir>` is the split folder itself or the demo root,
   in which case training reads `<dir>/train` and evaluation `<dir>/test`.
@@ -44,6 +47,7 @@ TRAIN = "train"
 EVAL = "eval"
 TFDS_SPLITS = {TRAIN: ("train",), EVAL: eval_sources.TFDS_SPLITS}
 DEMO_SPLIT_DIRS = {TRAIN: "train", EVAL: "test"}
+HDF5_SPLITS = {TRAIN: "train", EVAL: "val"}  # M3AE's ImageNet columns train_* / val_*
 
 # One error type for every data set that cannot be used (evaluation or classification).
 ClassificationDataError = dataset_spec.DatasetError
@@ -79,6 +83,12 @@ def labelled_source(spec: str, split: str, max_images: int = 0,
     return _demo_source(parsed.path, split, max_images)
   if parsed.kind == dataset_spec.FOLDER:
     return eval_sources.image_folder(parsed.path, max_images)
+  if parsed.kind == dataset_spec.HDF5:
+    from flip.data import hdf5  # pylint: disable=g-import-not-at-top (h5py only when used)
+    try:
+      return hdf5.labelled_source(parsed.path, HDF5_SPLITS[split], max_images, key)
+    except hdf5.Hdf5DataError as err:
+      raise ClassificationDataError(str(err)) from None
   return eval_sources.tfds_labelled(parsed, TFDS_SPLITS[split], max_images)
 
 

@@ -380,4 +380,7 @@ def classification_source(eval_dataset: str, templates_key: str, classnames_file
     return _demo_source(spec.path, max_images)
   if spec.kind == dataset_spec.FOLDER:
     return _folder_source(spec.path, templates_key, classnames_file, max_images)
+  if spec.kind == dataset_spec.HDF5:
+    raise EvalDataError(f"{key}={eval_dataset!r}: hdf5: sets have no class names for zero-shot; "
+                        "the probe and fine-tuning read them")
   return _tfds_source(spec, templates_key, classnames_file, max_images)

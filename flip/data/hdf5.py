@@ -14,8 +14,12 @@ global index. Per-host sharding: host `shard_index` of `num_shards` reads the gl
 (`tf.random.experimental.index_shuffle`, seeded by (seed, shard, epoch)); epochs repeat forever
 unless `num_epochs` is given. The dataset is a range of epochs, a range of row numbers and a
 deterministic map that reads the rows (`tf.py_function` on h5py, a pure function of the row
-number): saving `tf.train.Checkpoint(iterator=...)` stores the positions, and a restored iterator
+numbers, READ_CHUNK_ROWS rows of an epoch per call, then unbatched): saving
+`tf.train.Checkpoint(iterator=...)` stores the positions, and a restored iterator
 continues with exactly the rows the uninterrupted one would have read.
+
+`labelled_source` makes the ImageNet layout a labelled set of `flip.data.classification` (the data
+set name `hdf5:<files>`, flip.data.dataset_spec) for the linear probe and fine-tuning.
 """
 
 import os
@@ -36,6 +40,7 @@ LAYOUTS = {
 }
 IMAGENET_SPLITS = ("train", "val")
 SEED_STRIDE = 1 << 20  # (seed, shard) -> one stateless seed word (shards < 2**20)
+READ_CHUNK_ROWS = 64  # rows read per call into h5py (one Python call per row is the bottleneck)
 
 
 class Hdf5DataError(ValueError):
@@ -122,13 +127,15 @@ def record_dataset(files: Sequence[str], columns: Dict[str, str], shard_index: i
   starts = tf.constant(np.cumsum([0] + sizes[:-1]), tf.int64)
   out_types = [tf.int64 if n == "label" else tf.string for n in names]
 
-  def read(file_index, row):
-    handle = open_file(files[int(file_index)])
-    values = []
-    for name in names:
-      cell = handle[columns[name]][int(row)]
-      values.append(np.int64(cell) if name == "label" else cell_bytes(cell))
-    return values
+  def read(file_indices, rows):
+    values = [[] for _ in names]
+    for file_index, row in zip(file_indices.numpy(), rows.numpy()):
+      handle = open_file(files[int(file_index)])
+      for column, name in enumerate(names):
+        cell = handle[columns[name]][int(row)]
+        values[column].append(np.int64(cell) if name == "label" else cell_bytes(cell))
+    return [np.asarray(v, np.int64 if name == "label" else object)
+            for name, v in zip(names, values)]
 
   def rows_of_epoch(epoch):
     positions = tf.data.Dataset.range(local)
@@ -136,19 +143,48 @@ def record_dataset(files: Sequence[str], columns: Dict[str, str], shard_index: i
       key = tf.stack([tf.constant(seed * SEED_STRIDE + shard_index, tf.int64), epoch])
       positions = positions.map(lambda i: tf.random.experimental.index_shuffle(
           i, key, tf.constant(local - 1, tf.int64)))
-    return positions
+    return positions.batch(READ_CHUNK_ROWS)
 
-  def lookup(position):
-    global_row = shard_index + num_shards * position
-    file_index = tf.searchsorted(ends, [global_row], side="right")[0]
-    values = tf.py_function(read, [file_index, global_row - starts[file_index]], out_types)
+  def lookup(positions):
+    global_rows = shard_index + num_shards * positions
+    file_indices = tf.searchsorted(ends, global_rows, side="right")
+    values = tf.py_function(read, [file_indices, global_rows - tf.gather(starts, file_indices)],
+                            out_types)
     out = {}
     for name, value, dtype in zip(names, values, out_types):
-      value.set_shape([])
+      value.set_shape([None])
       out[name] = tf.cast(value, dtype)
     return out
 
   epochs = tf.data.Dataset.range(num_epochs or checkpointable.FOREVER)
   ds = epochs.flat_map(rows_of_epoch).map(lookup, num_parallel_calls=tf.data.AUTOTUNE,
-                                          deterministic=True)
+                                          deterministic=True).unbatch()
   return ds.with_options(checkpointable.options()), local
+
+
+def labelled_source(spec: str, split: str, max_images: int = 0, key: str = "config.data"):
+  """An `eval_sources.ClassificationSource` of the ImageNet layout's `split` ("train" / "val") in
+  the files of `spec` (comma-separated paths or globs): their first `max_images` rows (0 = all)
+  in file order, host `i` of `n` reading the rows `i::n`. Labels are the `<split>_labels` integers;
+  the classes are 0 .. the largest label, named by their numbers."""
+  from flip.data import eval_sources  # pylint: disable=g-import-not-at-top
+  columns = imagenet_columns(split)
+  files = list_files(spec, key)
+  sizes = column_sizes(files, list(columns.values()))
+  total = sum(sizes)
+  if total == 0:
+    raise Hdf5DataError(f"{key}: the HDF5 files {spec!r} have no rows")
+  num_examples = min(total, max_images) if max_images > 0 else total
+  labels = np.concatenate([np.asarray(open_file(f)[columns["label"]][:]) for f in files])
+  if labels.min() < 0:
+    raise Hdf5DataError(f"{key}: HDF5 column {columns['label']!r} has a negative label")
+  classnames = [str(i) for i in range(int(labels.max()) + 1)]
+
+  def read(shard_index: int, num_shards: int) -> tf.data.Dataset:
+    records, _ = record_dataset(files, columns, shard_index, num_shards, seed=0, shuffle=False,
+                                num_epochs=1)
+    return records.take(len(range(shard_index, num_examples, num_shards)))
+
+  name = os.path.splitext(os.path.basename(files[0]))[0]
+  return eval_sources.ClassificationSource(name=name, classnames=classnames, templates=[],
+                                           num_examples=num_examples, read_encoded=read)

@@ -13,7 +13,8 @@ Each source is `flip.data.hdf5.record_dataset` (per-host row sharding, per-epoch
 exact resume), then: validation (captions / texts that are empty or blank -> `empty_caption`, not
 UTF-8 -> `invalid_utf8`), image decoding + `flip.data.transforms.train_transform` (corrupt bytes
 raise and are dropped by `ignore_errors`; the gaps in the numbering are `undecodable_image`), BERT
-uncased WordPiece without special tokens (`flip.data.text`), truncated to
+uncased WordPiece without special tokens (`flip.data.text`; the vocabulary file is
+`config.model.m3ae.vocab_file`, by default the package's BERT file), truncated to
 `config.model.m3ae.text_max_len` (paired, M3AE's 64) or `unpaired_text_max_len` (text-only, 256)
 and padded to L. A text-only example has a zero image and `paired` = 0. Each source is a seqio
 Task; with a text-only source the two form a seqio Mixture with rates
@@ -21,6 +22,7 @@ Task; with a text-only source the two form a seqio Mixture with rates
 checkpointable: `tf.train.Checkpoint(iterator=iter(ds))` restores the exact stream.
 """
 
+import functools
 from typing import Callable, List, Tuple
 
 import ml_collections
@@ -51,6 +53,34 @@ def text_length(config: ml_collections.ConfigDict) -> int:
   if config.data.get("text_only"):
     length = max(length, int(settings.unpaired_text_max_len))
   return length
+
+
+@functools.lru_cache(maxsize=None)
+def _bert_vocabulary(path: str) -> text_lib.BertUncasedVocabulary:
+  return text_lib.BertUncasedVocabulary(path or None, cls_token=False)
+
+
+def vocabulary(config: ml_collections.ConfigDict) -> text_lib.BertUncasedVocabulary:
+  """BERT uncased WordPiece on `config.model.m3ae.vocab_file` ("" = the package's BERT file),
+  checked to fit the token table (`config.model.m3ae.vocab_size` rows)."""
+  path = str(config.model.m3ae.get("vocab_file", "") or "")
+  try:
+    vocab = _bert_vocabulary(path)
+  except (OSError, ValueError) as err:
+    raise hdf5.Hdf5DataError(f"config.model.m3ae.vocab_file: {err}") from None
+  if vocab.vocab_size > int(config.model.m3ae.vocab_size):
+    raise hdf5.Hdf5DataError(
+        f"config.model.m3ae.vocab_file {vocab} has {vocab.vocab_size} entries, more than "
+        f"config.model.m3ae.vocab_size={config.model.m3ae.vocab_size}")
+  return vocab
+
+
+def vocab_entries(config: ml_collections.ConfigDict) -> List[str]:
+  """The entries of `vocabulary(config)`'s file, indexed by token id."""
+  path = str(config.model.m3ae.get("vocab_file", "") or "") or text_lib.bert_vocab_path()
+  vocabulary(config)  # the same checks
+  with tf.io.gfile.GFile(path, "r") as f:
+    return [line.rstrip("\n") for line in f]
 
 
 def _reason(caption: tf.Tensor) -> tf.Tensor:
@@ -95,8 +125,7 @@ def source_examples(config: ml_collections.ConfigDict, layout: str, source_id: i
   own_len = int(settings.text_max_len if layout == hdf5.PAIRED else
                 settings.unpaired_text_max_len)
   length, size = text_length(config), int(config.image_size)
-  vocab = text_lib.get_vocabulary(ml_collections.ConfigDict({"tokenizer": text_lib.TOKENIZER_BERT,
-                                                             "cls_token": False}))
+  vocab = vocabulary(config)
   augment_seed = stable_hash(seed, layout, shard_index, "aug")
   caption_key = "caption" if layout == hdf5.PAIRED else "text"
 
@@ -134,8 +163,7 @@ def _register(config, shard_index: int, num_shards: int, seed: int, num_epochs: 
   rate = float(config.data.get("text_only_rate", 0.0))
   if len(layouts) > 1 and not 0.0 < rate < 1.0:
     raise hdf5.Hdf5DataError(f"config.data.text_only_rate must be in (0, 1), got {rate}")
-  vocab = text_lib.get_vocabulary(ml_collections.ConfigDict({"tokenizer": text_lib.TOKENIZER_BERT,
-                                                             "cls_token": False}))
+  vocab = vocabulary(config)
   output_features = {
       "image": seqio.ContinuousFeature(dtype=tf.uint8, rank=3),
       "text": seqio.Feature(vocabulary=vocab, add_eos=False, dtype=tf.int32, rank=1),

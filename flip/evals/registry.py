@@ -44,6 +44,7 @@ EVALUATOR_MODULES: Dict[str, str] = {
     "retrieval": "flip.evals.retrieval",
     "classification": "flip.evals.classification",
     "reconstruction": "flip.evals.reconstruction",
+    "caption_reconstruction": "flip.evals.caption_reconstruction",
 }
 
 

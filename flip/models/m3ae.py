@@ -29,7 +29,10 @@ The decoder restores both sequences to full length with a learned mask token per
 masked real tokens and padding get the text mask token; padding stays out of attention), adds
 2-D / 1-D sin-cos positions and, with `use_type_embedding`, per-modality type embeddings, and
 predicts the pixels (or, with discretised targets, the code logits) of every patch and the token
-logits of every text position. Losses are computed by the task (flip.tasks.m3ae).
+logits of the masked real text tokens only: each example's masked positions are gathered into a
+fixed number of rows, `num_masked_slots(L, text_mask_ratio)` (the most any example of length L
+has), with a validity mask for the unused rows, so the shapes are static and the vocabulary-wide
+head costs M instead of L rows per example. Losses are computed by the task (flip.tasks.m3ae).
 """
 
 from typing import Any, Dict, NamedTuple, Optional, Tuple
@@ -37,6 +40,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flip import masking
 from flip.models import layers
@@ -59,22 +63,48 @@ class TextMask(NamedTuple):
   restore_indices: Array  # [B, L] int32: slot of each position in the gathered order
   kept: Array  # [B, L] bool: real token shown to the encoder
   mask: Array  # [B, L] float32: 1 = real token masked (the text loss's positions)
+  masked_indices: Array  # [B, M] int32: the masked real tokens' positions, then filler
+  masked_valid: Array  # [B, M] bool: slot holds a masked real token (else filler, no loss)
+
+
+def _kept_count(num_real: Any, mask_ratio: float, slots: int) -> Any:
+  """round(n_real * (1 - ratio)) (halves up), at most `slots`; numpy or jax."""
+  xp = jnp if isinstance(num_real, jax.Array) else np
+  count = xp.floor(xp.round(num_real * (1.0 - mask_ratio), _ROUND_DECIMALS) + 0.5)
+  return xp.minimum(count, slots)
+
+
+def num_text_slots(length: int, mask_ratio: float) -> int:
+  """Text slots the encoder gathers: masking.num_kept(L, ratio) (no example keeps more)."""
+  return masking.num_kept(length, mask_ratio) if length else 0
+
+
+def num_masked_slots(length: int, mask_ratio: float) -> int:
+  """M: the most masked real tokens any example of length L can have (the token head's rows)."""
+  slots = num_text_slots(length, mask_ratio)
+  real = np.arange(length + 1, dtype=np.float32)
+  return int(np.max(real - _kept_count(real, mask_ratio, slots)))
 
 
 def text_mask_from_noise(noise: Array, tokens: Array, mask_ratio: float) -> TextMask:
   """Per-example text mask that keeps round(n_real * (1 - ratio)) real tokens (see module doc)."""
   _, length = tokens.shape
   valid = tokens != PAD_ID
-  num_real = jnp.sum(valid, axis=1).astype(jnp.float32)
-  kept_count = jnp.floor(jnp.round(num_real * (1.0 - mask_ratio), _ROUND_DECIMALS) + 0.5)
-  slots = masking.num_kept(length, mask_ratio) if length else 0
-  kept_count = jnp.minimum(kept_count, slots).astype(jnp.int32)
+  num_real = jnp.sum(valid, axis=1)
+  slots = num_text_slots(length, mask_ratio)
+  kept_count = _kept_count(num_real.astype(jnp.float32), mask_ratio, slots).astype(jnp.int32)
   order = jnp.argsort(jnp.where(valid, noise, 2.0 + noise), axis=1).astype(jnp.int32)
   rank = jnp.argsort(order, axis=1).astype(jnp.int32)
   kept = valid & (rank < kept_count[:, None])
   kept_valid = jnp.arange(slots)[None, :] < kept_count[:, None]
   mask = (valid & ~kept).astype(jnp.float32)
-  return TextMask(order[:, :slots], kept_valid, rank, kept, mask)
+  # Real tokens come first in `order` (kept, then masked); slot j of the masked ones is
+  # order[kept_count + j], valid while that rank is below the number of real tokens.
+  masked_rank = kept_count[:, None] + jnp.arange(num_masked_slots(length, mask_ratio))[None, :]
+  masked_indices = jnp.take_along_axis(order, jnp.minimum(masked_rank, max(length - 1, 0)),
+                                       axis=1)
+  masked_valid = masked_rank < num_real[:, None]
+  return TextMask(order[:, :slots], kept_valid, rank, kept, mask, masked_indices, masked_valid)
 
 
 def _type_embedding(name: str, width: int) -> Array:
@@ -173,9 +203,10 @@ class M3aeDecoder(layers.EncoderFields):
   @nn.compact
   def __call__(self, tokens: Array, num_prefix: int, image_restore: Array, grid: Tuple[int, int],
                paired: Array, text_mask: TextMask, text_valid: Array, num_image_outputs: int,
-               num_text_outputs: int, *, train: bool) -> Tuple[Array, Array]:
-    """Returns image outputs [B, N, num_image_outputs] and text logits [B, L, num_text_outputs]
-    (float32)."""
+               num_text_outputs: int, logit_positions: Array, *,
+               train: bool) -> Tuple[Array, Array]:
+    """Returns image outputs [B, N, num_image_outputs] and text logits [B, T, num_text_outputs]
+    (float32) at the text positions `logit_positions` [B, T] only."""
     batch, num_patches = image_restore.shape
     length = text_valid.shape[1]
     num_image_kept = tokens.shape[1] - num_prefix - text_mask.keep_indices.shape[1]
@@ -212,8 +243,10 @@ class M3aeDecoder(layers.EncoderFields):
     x = layers.encoder_of(self)(x, key_mask, train=train)
     image_out = layers.Dense(num_image_outputs, ("embed", "pixels"), dtype=self.dtype,
                              name="decoder_pred")(x[:, num_prefix:num_prefix + num_patches])
+    text_x = jnp.take_along_axis(x[:, num_prefix + num_patches:], logit_positions[:, :, None],
+                                 axis=1)
     text_out = layers.Dense(num_text_outputs, ("embed", "vocab"), dtype=self.dtype,
-                            name="decoder_text_pred")(x[:, num_prefix + num_patches:])
+                            name="decoder_text_pred")(text_x)
     return image_out.astype(jnp.float32), text_out.astype(jnp.float32)
 
 
@@ -226,6 +259,9 @@ class MultimodalMaskedAutoencoder(nn.Module):
   use_type_embedding: bool = True
   # Outputs per patch of the image head: 0 = pixels (p * p * C); else a codebook size.
   num_image_codes: int = 0
+  # The token head's logits at every text position instead of only the masked real tokens (the
+  # same loss at L / M times the cost; for tests and inspection).
+  all_text_logits: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -248,7 +284,9 @@ class MultimodalMaskedAutoencoder(nn.Module):
     real), noise [B, N] and [B, L] fixing the masks.
 
     Returns {"pred": [B, N, P], "target": [B, N, p*p*C], "mask": [B, N] (1 = removed),
-    "text_logits": [B, L, V], "text_mask": [B, L] (1 = masked real token)}.
+    "text_mask": [B, L] (1 = masked real token), "text_logits": [B, T, V] at the text positions
+    "text_positions" [B, T] (int32), of which "text_position_valid" [B, T] are masked real
+    tokens}. T is `num_masked_slots(L, text_mask_ratio)` (or L with `all_text_logits`).
     """
     text_valid = text != PAD_ID
     text_mask = text_mask_from_noise(text_noise, text, text_mask_ratio)
@@ -259,14 +297,20 @@ class MultimodalMaskedAutoencoder(nn.Module):
     grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
     target = self.target_patches(images)
     image_outputs = self.num_image_codes or target.shape[-1]
+    if self.all_text_logits:
+      positions = jnp.broadcast_to(jnp.arange(text.shape[1], dtype=jnp.int32), text.shape)
+      position_valid = text_mask.mask > 0
+    else:
+      positions, position_valid = text_mask.masked_indices, text_mask.masked_valid
     pred, text_logits = self.m3ae_decoder(
         encoded["tokens"], 1 if self.img_encoder.use_cls_token else 0,
         encoded["image_mask"].restore_indices, grid, paired, text_mask, text_valid, image_outputs,
-        text_lib.padded_vocab_rows(self.vocab_size), train=train)
+        text_lib.padded_vocab_rows(self.vocab_size), positions, train=train)
     rows = jnp.arange(text_logits.shape[-1]) < self.vocab_size
     text_logits = jnp.where(rows, text_logits, jnp.finfo(jnp.float32).min)
     return {"pred": pred, "target": target, "mask": encoded["image_mask"].mask,
-            "text_logits": text_logits, "text_mask": text_mask.mask}
+            "text_mask": text_mask.mask, "text_logits": text_logits, "text_positions": positions,
+            "text_position_valid": position_valid}
 
 
 def encoder_kwargs_from_config(img_config: Any) -> Dict[str, Any]:

@@ -10,7 +10,9 @@ rows + `unpaired_text_loss_weight` x text loss of the text-only rows (`config.mo
   targets (`discretized_image`) the per-patch term is the cross-entropy of the image head's logits
   against the code of a frozen VQGAN tokenizer (flip.models.vqgan, weights from
   `config.model.m3ae.vqgan.weights`), whose code grid must be the patch grid.
-- Text losses: token cross-entropy averaged over masked real tokens (never padding).
+- Text losses: token cross-entropy averaged over masked real tokens (never padding); the model
+  computes the token logits at those positions only (gathered into static-size rows with a
+  validity mask, flip.models.m3ae), which is the same sum as over full-length logits.
 Text-only rows therefore add nothing to the image loss, and their image tokens are out of every
 attention (flip.models.m3ae), so they give the image-side parameters no gradient.
 
@@ -77,6 +79,7 @@ class M3aeTask(registry.Task):
 
   name = "m3ae"
   capabilities = frozenset({registry.Capability.RECONSTRUCTS,
+                            registry.Capability.RECONSTRUCTS_TEXT,
                             registry.Capability.LOADS_PRETRAINED_SUBSET})
 
   def __init__(self, config: Any):
@@ -190,11 +193,16 @@ class M3aeTask(registry.Task):
                            self.loss_all_patches)
     per_patch = self.per_patch_image_loss(outputs["pred"],
                                           self.image_targets(params, batch["image"], outputs))
-    per_token = optax.softmax_cross_entropy_with_integer_labels(outputs["text_logits"],
-                                                                batch["text"])
-    return {"image": jnp.sum(per_patch * weights["image"]),
-            "text": jnp.sum(per_token * weights["text"]),
-            "unpaired_text": jnp.sum(per_token * weights["unpaired_text"])}
+    positions = outputs["text_positions"]
+    labels = jnp.take_along_axis(batch["text"], positions, axis=1)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(outputs["text_logits"], labels)
+    valid = outputs["text_position_valid"].astype(jnp.float32)
+
+    def text_sum(term):
+      return jnp.sum(per_token * valid * jnp.take_along_axis(weights[term], positions, axis=1))
+
+    return {"image": jnp.sum(per_patch * weights["image"]), "text": text_sum("text"),
+            "unpaired_text": text_sum("unpaired_text")}
 
   def combine(self, sums: Mapping[str, Array],
               counts: Mapping[str, Array]) -> Tuple[Array, Metrics]:
@@ -216,6 +224,21 @@ class M3aeTask(registry.Task):
                                  self.loss_all_patches)["image"])
     return ({k: outputs[k] for k in ("pred", "target", "mask")},
             sums["image"] / jnp.maximum(count, 1.0))
+
+  def reconstruct_text(self, params: Params, images: Array, text: Array, paired: Array,
+                       image_noise: Array, text_noise: Array) -> Dict[str, Array]:
+    """Captions with their masked tokens replaced by the token head's argmax (inference mode):
+    {"predicted": int32 [B, L], "text_mask": [B, L] (1 = masked real token)}."""
+    batch = {"image": images, "text": text, "paired": paired}
+    outputs = self.forward(params, batch, image_noise, text_noise)
+    guesses = jnp.argmax(outputs["text_logits"], axis=-1).astype(jnp.int32)
+    guesses = jnp.where(outputs["text_position_valid"], guesses, 0)
+    rows = jnp.arange(text.shape[0])[:, None]
+    # Unused slots add 0, so a position they repeat keeps its one real guess.
+    at_masked = jnp.zeros_like(text).at[rows, outputs["text_positions"]].add(guesses)
+    masked = outputs["text_mask"] > 0
+    return {"predicted": jnp.where(masked, at_masked, text).astype(jnp.int32),
+            "text_mask": outputs["text_mask"]}
 
   def draw_noise(self, rng: Array, batch: Mapping[str, Array]) -> Tuple[Array, Array, Array]:
     """A step's image noise [B, N], text noise [B, L] (independent streams) and model rng."""

@@ -45,6 +45,10 @@ class Capability(enum.Enum):
   # mask_noise(rng, batch_size) -> [B, num_patches] and reconstruct(params, images, mask_noise)
   # -> ({"pred", "target", "mask"}, loss); attributes patch_size, num_patches, norm_pix_loss.
   RECONSTRUCTS = "reconstructs"
+  # text_noise(rng, batch_size, length) -> [B, L] and reconstruct_text(params, images, text,
+  # paired, image_noise, text_noise) -> {"predicted": int32 [B, L] (the text with its masked
+  # tokens replaced by the model's argmax), "text_mask": [B, L] (1 = masked)} (M3AE captions).
+  RECONSTRUCTS_TEXT = "reconstructs_text"
   # make_optimizer(config, start_step, start_epoch) -> optax chain (frozen parts, lr decay).
   OWN_OPTIMIZER = "own_optimizer"
   # compute_grads(..., flax_mutables) -> (loss, metrics, grads, new_mutables): collections
@@ -59,6 +63,7 @@ CAPABILITY_METHODS: Mapping[Capability, Tuple[str, ...]] = {
     Capability.EMBEDS_IMAGE_TEXT: ("encode_image", "encode_text"),
     Capability.CLASSIFIES: ("logits",),
     Capability.RECONSTRUCTS: ("mask_noise", "reconstruct"),
+    Capability.RECONSTRUCTS_TEXT: ("text_noise", "reconstruct_text"),
     Capability.OWN_OPTIMIZER: ("make_optimizer",),
     Capability.LOADS_PRETRAINED_SUBSET: ("load_pretrained_params",),
 }
