@@ -8,6 +8,12 @@ on the bucket and a checkpoint at the end of each run: the resumed run must be b
 the uninterrupted one, as on a local disk (tests/test_checkpoints.py, which also covers periodic
 saves and keep-last-N). The text tower uses the
 byte tokenizer's vocabulary so that the zero-shot evaluator can run eval_only from the bucket.
+
+Writing checkpoints to the emulated bucket is slow (t5x finalises each save with one `gcloud
+storage mv` per array file): the three tests of those runs are slow-marked (`make test-slow`).
+The default suite reads a checkpoint from the bucket (eval_only with its pretrain_dir there; the
+checkpoint trained on disk and copied up), reads LAION shards and evaluation data from it, and
+writes events, PNGs and files through the paths layer.
 """
 
 import json
@@ -95,6 +101,7 @@ def event_losses(workdir):
   return [train_utils.logged_scalars(path, "loss") for path in files]
 
 
+@pytest.mark.slow
 def test_checkpoints_are_written_to_the_bucket_and_nothing_locally(runs):
   assert runs["uninterrupted"]["step"] == TOTAL_STEPS
   assert checkpoints.complete_steps(runs["full_dir"]) == [TOTAL_STEPS]
@@ -107,6 +114,7 @@ def test_checkpoints_are_written_to_the_bucket_and_nothing_locally(runs):
   assert not os.path.exists("gs:")  # no local ./gs:/bucket directory made by os calls
 
 
+@pytest.mark.slow
 def test_resumed_run_on_the_bucket_is_bitwise_equal_to_the_uninterrupted_one(runs):
   assert runs["stopped"]["step"] == STOP_STEP and runs["resumed"]["step"] == TOTAL_STEPS
   assert runs["steps_before"] == [STOP_STEP]
@@ -127,6 +135,7 @@ def test_resumed_run_on_the_bucket_is_bitwise_equal_to_the_uninterrupted_one(run
                                     train_utils.flat_tree(full.params)) == []
 
 
+@pytest.mark.slow
 def test_an_incomplete_save_on_the_bucket_is_cleaned(runs):
   assert runs["leftover_before"] == [f"{runs['resumed_dir']}/{LEFTOVER_TMP}"]
   assert checkpoints.incomplete_dirs(runs["resumed_dir"]) == []
@@ -158,7 +167,19 @@ def copy_tree(src, dst):
       tf.io.gfile.copy(f"{directory.rstrip('/')}/{name}", f"{target.rstrip('/')}/{name}")
 
 
-def test_eval_only_with_pretrain_dir_and_data_on_the_bucket(runs, tmp_path):
+@pytest.fixture(scope="module")
+def checkpoint_on_the_bucket(gcs, tmp_path_factory):
+  """The tiny schedule trained on disk, its final checkpoint copied to the bucket."""
+  del gcs
+  workdir = str(tmp_path_factory.mktemp("local_run"))
+  train.train_and_evaluate(train_utils.tiny_config(*SETTINGS), workdir,
+                           make_dataset=train_utils.make_dataset)
+  remote = f"{ROOT}/copied/checkpoint_{TOTAL_STEPS}"
+  copy_tree(f"{workdir}/checkpoint_{TOTAL_STEPS}", remote)
+  return remote
+
+
+def test_eval_only_with_pretrain_dir_and_data_on_the_bucket(checkpoint_on_the_bucket, tmp_path):
   rng = np.random.RandomState(0)
   images = rng.randint(0, 256, (NUM_EVAL_IMAGES, 20, 20, 3)).astype(np.uint8)
   labels = rng.randint(0, len(CLASSES), NUM_EVAL_IMAGES)
@@ -166,14 +187,14 @@ def test_eval_only_with_pretrain_dir_and_data_on_the_bucket(runs, tmp_path):
   write_demo_split(remote_data, images, labels)
   write_demo_split(local_data, images, labels)
   local_ckpt = str(tmp_path / "checkpoint_10")
-  copy_tree(f"{runs['full_dir']}/checkpoint_10", local_ckpt)
+  copy_tree(checkpoint_on_the_bucket, local_ckpt)
 
   def evaluate(pretrain_dir, data, workdir):
     config = train_utils.tiny_config(*SETTINGS, "eval_only=True", "laion_path=",
                                      f"eval_dataset=demo:{data}", f"pretrain_dir={pretrain_dir}")
     return eval_only.run_eval_only(config, workdir)
 
-  remote = evaluate(f"{runs['full_dir']}/checkpoint_10", remote_data, f"{ROOT}/eval")
+  remote = evaluate(checkpoint_on_the_bucket, remote_data, f"{ROOT}/eval")
   local = evaluate(local_ckpt, local_data, str(tmp_path / "eval"))
   assert remote["zeroshot/demo/num_images"] == NUM_EVAL_IMAGES
   assert remote == local  # the same checkpoint and data, read from the bucket or from disk
