@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from flip import masking
 from flip.models import layers
+from flip.models import precision
 
 Array = jax.Array
 
@@ -69,8 +70,8 @@ class PatchEmbedding(nn.Module):
     bias = layers.param_with_axes("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32,
                                   axes=("embed",))
     patches = patchify(images.astype(self.dtype), self.patch_size)
-    flat_kernel = kernel.reshape(ph * pw * channels, self.hidden_size).astype(self.dtype)
-    return jnp.dot(patches, flat_kernel) + bias.astype(self.dtype)
+    flat_kernel = kernel.reshape(ph * pw * channels, self.hidden_size)
+    return precision.add_param(precision.dense(patches, flat_kernel, self.dtype), bias, self.dtype)
 
 
 class VisionTransformer(layers.EncoderFields):
