@@ -199,11 +199,11 @@ def demo_pair():
 
 # The demo model's bfloat16 step against float32's (one random batch, fresh parameters): the
 # residual stream and every activation between layer norms is bfloat16, so each gradient leaf
-# carries a few percent of relative rounding noise; measured 2026-12-05: loss 3e-4, all gradients
-# 2-3 %, worst leaf with a non-negligible gradient 6 %.
-DEMO_LOSS_RTOL = 2e-3
+# carries a few percent of relative rounding noise (measured: docs/BENCHMARKS.md, "Mixed
+# precision"); the bounds leave about 3x room.
+DEMO_LOSS_RTOL = 1e-3
 DEMO_GLOBAL_GRAD_RTOL = 0.05
-DEMO_LEAF_GRAD_RTOL = 0.15
+DEMO_LEAF_GRAD_RTOL = 0.08
 NEGLIGIBLE_LEAF = 1e-4  # leaves whose float32 gradient is below this fraction of the total norm
 # (the key biases: their exact gradient is zero, float32's is rounding noise)
 
@@ -223,7 +223,7 @@ def test_demo_step_bfloat16_loss_and_gradients_against_float32(demo_pair):
     if np.linalg.norm(a) > NEGLIGIBLE_LEAF * total:
       assert rel_err(b, a) < DEMO_LEAF_GRAD_RTOL
       checked += 1
-  assert checked >= len(leaves32) - 12  # only the key biases (2 per block) are left out
+  assert checked >= len(leaves32) - 6  # only the key biases (one per block) are left out
 
 
 def _dot_generals(jaxpr):
