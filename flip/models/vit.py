@@ -127,8 +127,8 @@ class VisionTransformer(layers.EncoderFields):
       posemb = layers.param_with_axes(
           "pos_embedding", nn.initializers.normal(stddev=POSEMB_INIT_STDDEV),
           (1, grid_h * grid_w, self.hidden_size), jnp.float32,
-          axes=("_null0", "length", "embed")).astype(self.dtype)
-    x = x + posemb
+          axes=("_null0", "length", "embed"))
+    x = precision.add_param(x, posemb, self.dtype)
 
     token_mask = None
     if ratio > 0.0:
@@ -140,7 +140,7 @@ class VisionTransformer(layers.EncoderFields):
     if self.use_cls_token:
       cls = layers.param_with_axes("cls", nn.initializers.zeros, (1, 1, self.hidden_size),
                                    jnp.float32, axes=("_null0", "_null1", "embed"))
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.hidden_size)),
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.hidden_size)).astype(self.dtype),
                            x], axis=1)
 
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
