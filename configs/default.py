@@ -150,6 +150,13 @@ def get_config_img():
   # only | cls)
   config.pool = "avg_all"
   config.layernorm_epsilon = 1e-6  # JAX ViT
+  # ours, to host open_clip's and timm's ViTs (docs/INTEROP.md): patch embedding bias, a learned
+  # table with a class-token row (needs sincos=False), a LayerNorm before the transformer, timm's
+  # fc_norm (LayerNorm on the pooled vector instead of at the end of the transformer)
+  config.patch_bias = True
+  config.cls_posemb = False
+  config.ln_pre = False
+  config.pooled_norm = False
   config.transformer = ml_collections.ConfigDict()
   config.transformer.mlp_dim = 4096
   config.transformer.num_heads = 16
@@ -160,9 +167,13 @@ def get_config_img():
   # FLIP's names: none | minimal (save dots without batch dims) | any other (actcp, full) = full
   # per-block remat
   config.transformer.remat_policy = "none"
-  # FLIP: flax's nn.gelu, whose default is the tanh approximation (tanh | exact = erf)
+  # FLIP: flax's nn.gelu, whose default is the tanh approximation (tanh | exact = erf |
+  # quick = QuickGELU of OpenAI CLIP weights)
   config.transformer.gelu = "tanh"
   config.transformer.qkv_layout = "separate"  # FLIP: separate q/k/v (separate | fused = ours)
+  config.transformer.causal = False  # ours: True = causal attention (open_clip's text tower)
+  # ours: LayerScale init value (timm, open_clip); unset = no LayerScale
+  config.transformer.layer_scale_init = ml_collections.config_dict.placeholder(float)
   return config
 
 
@@ -171,7 +182,7 @@ def get_config_txt():
   config = ml_collections.ConfigDict()
   config.vocab_size = 30523  # FLIP: BERT uncased 30522 + 1
   config.hidden_size = 768
-  config.pool = "first"  # FLIP: first token (first | avg)
+  config.pool = "first"  # FLIP: first token (first | avg | eot = open_clip's argmax pooling)
   config.pad_mask = False  # FLIP: no attention mask in the text tower (True = ours: mask padding)
   config.layernorm_epsilon = 1e-6
   config.transformer = ml_collections.ConfigDict()
@@ -184,6 +195,8 @@ def get_config_txt():
   config.transformer.remat_policy = "none"
   config.transformer.gelu = "tanh"  # FLIP (flax's nn.gelu default)
   config.transformer.qkv_layout = "separate"  # FLIP
+  config.transformer.causal = False  # FLIP: bidirectional (True: open_clip's causal text)
+  config.transformer.layer_scale_init = ml_collections.config_dict.placeholder(float)
   return config
 
 

@@ -271,7 +271,7 @@ def test_text_pooled_feature_ignores_appended_padding(pool):
 STACK_FIELDS = dict(num_layers=2, num_heads=2, mlp_dim=24, dropout_rate=0.1,
                     attention_dropout_rate=0.2, droppath_rate=0.3, remat_policy="full",
                     layernorm_epsilon=1e-5, gelu="tanh", dtype=jnp.bfloat16,
-                    qkv_layout="separate")
+                    qkv_layout="separate", causal=True, layer_scale_init=0.25)
 
 
 def _encoders_called(module, *args, **kwargs):

@@ -7,7 +7,8 @@
 - "fused" (ours): one kernel `qkv_kernel` [embed, 3, heads, kv] and bias `qkv_bias` [3, heads, kv]
   (one matmul instead of three), and `out_kernel` / `out_bias`.
 Both compute the same function of the same numbers: logits and softmax in float32 whatever the
-compute dtype, matmuls through flip.models.precision, padding masked with the most negative finite float. Kernels are initialised as
+compute dtype, matmuls through flip.models.precision, padding (and, when `causal`, every later
+position) masked with the most negative finite float. Kernels are initialised as
 their [rows, rest] matrix views would be (fan-in and fan-out of a 2-D kernel).
 """
 
@@ -95,6 +96,7 @@ class MultiHeadSelfAttention(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_kernel_init
   qkv_layout: str = "fused"
+  causal: bool = False
 
   def _fused_qkv(self, x: Array, head_dim: int) -> Tuple[Array, Array, Array]:
     width = x.shape[-1]
@@ -144,9 +146,14 @@ class MultiHeadSelfAttention(nn.Module):
 
     query = query * jnp.asarray(head_dim ** -0.5, self.dtype)
     logits = precision.attention_logits(query, key, self.dtype)
-    if key_mask is not None:
+    allowed = None if key_mask is None else key_mask[:, None, None, :]
+    if self.causal:
+      length = logits.shape[-1]
+      earlier = jnp.tril(jnp.ones((length, length), bool))[None, None]
+      allowed = earlier if allowed is None else allowed & earlier
+    if allowed is not None:
       big_negative = jnp.finfo(jnp.float32).min
-      logits = jnp.where(key_mask[:, None, None, :], logits, big_negative)
+      logits = jnp.where(allowed, logits, big_negative)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0.0:
       weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)

@@ -28,6 +28,9 @@ Decisions where FLIP/ViT are silent or differ between codebases:
   goes through flip.models.precision (bfloat16 compute: float32 accumulation, float32 kernel
   gradients);
 - padding is masked with the most negative finite float (not -inf) so a row can never be all -inf;
+- variants that host other projects' weights exactly: `gelu="quick"` (OpenAI CLIP's QuickGELU),
+  `causal` attention (open_clip's text tower), `layer_scale_init` (LayerScale on both residual
+  branches, timm's `init_values`, open_clip's `ls_init_value`);
 - `remat_policy`, with FLIP's names and meanings: "none" keeps every activation; "minimal" saves
   the outputs of the weight matmuls (dots without batch dimensions) and recomputes the rest of a
   block in the backward pass; any other name ("full", "actcp", ...) is full per-block
@@ -59,7 +62,7 @@ with_sharding_constraint = nn_partitioning.with_sharding_constraint
 
 # The names documented above; FLIP accepts any other name as full remat, and so do we.
 REMAT_POLICIES = ("none", "minimal", "full", "actcp")
-GELU_KINDS = ("exact", "tanh")
+GELU_KINDS = ("exact", "tanh", "quick")
 
 default_kernel_init = nn.initializers.xavier_uniform()
 
@@ -137,6 +140,26 @@ class Dense(nn.Module):
     return y.astype(self.dtype)
 
 
+def gelu(x: Array, kind: str) -> Array:
+  """GELU of the named kind: "exact" (erf), "tanh" (the tanh approximation, FLIP's) or "quick"
+  (x * sigmoid(1.702 x), the QuickGELU of OpenAI's CLIP weights)."""
+  if kind == "quick":
+    return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
+  return nn.gelu(x, approximate=(kind == "tanh"))
+
+
+class LayerScale(nn.Module):
+  """Per-channel scale of a residual branch (Touvron et al., CaiT), initialised to `init_value`."""
+
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = param_with_axes("scale", nn.initializers.constant(self.init_value), (x.shape[-1],),
+                            jnp.float32, axes=("embed",))
+    return x * scale.astype(x.dtype)
+
+
 class MlpBlock(nn.Module):
   """Two dense layers with a GELU between them."""
 
@@ -151,7 +174,7 @@ class MlpBlock(nn.Module):
     width = x.shape[-1]
     h = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, kernel_init=self.kernel_init,
               name="Dense_0")(x)
-    h = nn.gelu(h, approximate=(self.gelu == "tanh"))
+    h = gelu(h, self.gelu)
     h = with_sharding_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(rate=self.dropout_rate)(h, deterministic=deterministic)
     y = Dense(width, ("mlp", "embed"), dtype=self.dtype, kernel_init=self.kernel_init,
@@ -186,19 +209,29 @@ class EncoderBlock(nn.Module):
   gelu: str = "exact"
   dtype: Dtype = jnp.float32
   qkv_layout: str = "fused"
+  causal: bool = False
+  layer_scale_init: Optional[float] = None
+
+  def _scaled(self, y: Array, name: str) -> Array:
+    if self.layer_scale_init is None:
+      return y
+    return LayerScale(self.layer_scale_init, name=name)(y)
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Optional[Array], deterministic: bool) -> Array:
     x = with_sharding_constraint(x, ("batch", "length", "embed"))
     y = LayerNorm(self.layernorm_epsilon, self.dtype, name="LayerNorm_0")(x)
     attention = MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype,
-                                       qkv_layout=self.qkv_layout, name="MultiHeadSelfAttention_0")
+                                       qkv_layout=self.qkv_layout, causal=self.causal,
+                                       name="MultiHeadSelfAttention_0")
     y = attention(y, key_mask, deterministic=deterministic)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+    y = self._scaled(y, "layerscale_msa")
     x = x + DropPath(self.droppath_rate, name="droppath_msa")(y, deterministic=deterministic)
     y = LayerNorm(self.layernorm_epsilon, self.dtype, name="LayerNorm_1")(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu, self.dtype, name="MlpBlock_0")(
         y, deterministic=deterministic)
+    y = self._scaled(y, "layerscale_mlp")
     x = x + DropPath(self.droppath_rate, name="droppath_mlp")(y, deterministic=deterministic)
     return with_sharding_constraint(x, ("batch", "length", "embed"))
 
@@ -221,6 +254,8 @@ class EncoderFields(nn.Module):
   gelu: str = "exact"
   dtype: Dtype = jnp.float32
   qkv_layout: str = "fused"
+  causal: bool = False
+  layer_scale_init: Optional[float] = None
 
 
 # The config keys (`transformer` of FLIP's towers, `model.decoder` of MAE) of the same name as the
@@ -228,7 +263,7 @@ class EncoderFields(nn.Module):
 ENCODER_CONFIG_KEYS = ("num_layers", "num_heads", "mlp_dim", "dropout_rate",
                        "attention_dropout_rate", "droppath_rate", "remat_policy", "gelu")
 # Keys of the same configs that may be absent (the field's default then applies).
-ENCODER_OPTIONAL_CONFIG_KEYS = ("qkv_layout",)
+ENCODER_OPTIONAL_CONFIG_KEYS = ("qkv_layout", "causal", "layer_scale_init")
 
 
 class Encoder(EncoderFields):
@@ -256,18 +291,19 @@ class Encoder(EncoderFields):
                     attention_dropout_rate=self.attention_dropout_rate,
                     droppath_rate=droppath, layernorm_epsilon=self.layernorm_epsilon,
                     gelu=self.gelu, dtype=self.dtype, qkv_layout=self.qkv_layout,
+                    causal=self.causal, layer_scale_init=self.layer_scale_init,
                     name=f"encoderblock_{layer:02d}")(x, key_mask, not train)
     if self.final_norm:
       x = LayerNorm(self.layernorm_epsilon, self.dtype, name="encoder_norm")(x)
     return x
 
 
-def encoder_of(tower: EncoderFields, name: str = "Transformer") -> Encoder:
+def encoder_of(tower: EncoderFields, name: str = "Transformer", final_norm: bool = True) -> Encoder:
   """The `Encoder` that a tower's fields describe, as its submodule `name` (call it from the
-  tower's compact method)."""
+  tower's compact method); `final_norm=False` leaves out its closing LayerNorm."""
   fields = {f.name: getattr(tower, f.name) for f in dataclasses.fields(EncoderFields)
             if f.name not in ("parent", "name")}
-  return Encoder(**fields, name=name)
+  return Encoder(**fields, final_norm=final_norm, name=name)
 
 
 def sincos_1d(positions: Array, width: int, temperature: float) -> Array:

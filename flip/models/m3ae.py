@@ -277,6 +277,11 @@ def encoder_kwargs_from_config(img_config: Any) -> Dict[str, Any]:
                      "config.model.model_img.sincos=True")
   for key in ("mask_ratio", "pool", "dtype"):
     kwargs.pop(key)
+  for key in vit_lib.IMPORT_VARIANT_KEYS:
+    default = vit_lib.VisionTransformer.__dataclass_fields__[key].default
+    if key in kwargs and kwargs.pop(key) != default:
+      raise ValueError(f"config.model.model_img.{key} is not supported by M3AE's encoder "
+                       f"(leave it at {default!r})")
   return layers.checked_fields(M3aeEncoder, kwargs)
 
 

@@ -4,7 +4,9 @@ Images stay uint8 (0..255) until the device; the encoders compute (x - mean) / s
 with the statistics named here, in 0..255 units:
 - `imagenet`: torchvision's ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225),
   FLIP's and MAE's;
-- `cc12m`: M3AE's CC12M statistics, mean (0.5762, 0.5503, 0.5213), std (0.3207, 0.3169, 0.3307).
+- `cc12m`: M3AE's CC12M statistics, mean (0.5762, 0.5503, 0.5213), std (0.3207, 0.3169, 0.3307);
+- `openai`: OpenAI CLIP's, mean (0.48145466, 0.4578275, 0.40821073), std (0.26862954, 0.26130258,
+  0.27577711), which open_clip's models trained from or like OpenAI's expect.
 A model and every task that loads it (probe, fine-tuning, reconstruction targets) must use the
 same name; configs without the key use `imagenet`.
 """
@@ -17,6 +19,7 @@ DEFAULT = "imagenet"
 _UNIT_STATS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cc12m": ((0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)),
+    "openai": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 NAMES = tuple(_UNIT_STATS)
 PixelStats = Tuple[Tuple[float, ...], Tuple[float, ...]]

@@ -6,7 +6,10 @@ The token table is `vocab_size` rounded up to a multiple of VOCAB_ROW_MULTIPLE r
 any other, so the features depend on the padded length). `pad_mask=True` (ours) masks padding
 (id 0) out of every attention, so appending pad tokens never changes the features of the real
 tokens. FLIP's tokenizer adds no [CLS], so the pooled feature is the encoded first word
-(`pool="first"`, FLIP's `txt_avg_token=False`); `pool="avg"` averages the real (non-pad) tokens.
+(`pool="first"`, FLIP's `txt_avg_token=False`); `pool="avg"` averages the real (non-pad) tokens;
+`pool="eot"` takes the token at the position of each row's largest id (open_clip's argmax pooling:
+CLIP's BPE gives end-of-text the largest id). With `transformer.causal` every position attends only
+to itself and earlier ones (open_clip's text tower).
 """
 
 from typing import Any, Dict
@@ -21,7 +24,7 @@ from flip.models import precision
 Array = jax.Array
 
 PAD_ID = 0
-POOLS = ("first", "avg")
+POOLS = ("first", "avg", "eot")
 EMBEDDING_INIT_STDDEV = 0.02
 # The token table gets rows up to a multiple of this, so its `vocab` axis divides evenly over any
 # power-of-two model-parallel size (t5x's rules shard `vocab` over `model`; FLIP's 30523 is odd).
@@ -71,6 +74,8 @@ class TextTransformer(layers.EncoderFields):
 
     if self.pool == "first":
       pooled = x[:, 0]
+    elif self.pool == "eot":
+      pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
     else:
       weights = key_mask.astype(jnp.float32)[:, :, None]
       pooled = (jnp.sum(x.astype(jnp.float32) * weights, axis=1) /

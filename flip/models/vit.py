@@ -11,6 +11,12 @@ Pooling: `pool="avg_all"` is FLIP's, the average of all encoded tokens, the clas
 (needs `use_cls_token`). FLIP's image tower has a class token; it gets no position embedding and is
 never dropped. With `mask_ratio == 0` no mask is drawn and no gather happens: the
 unmasked path is the plain ViT.
+
+Switches that host timm's and open_clip's ViTs exactly: `patch_bias=False` (open_clip's conv1 has
+no bias); `cls_posemb=True` (a learned table whose row 0 is the class token's position, the
+[1, 1 + N, D] layout of both); `ln_pre=True` (a LayerNorm on the whole sequence before the
+transformer, open_clip's); `pooled_norm=True` (timm's `fc_norm`: no LayerNorm at the end of the
+transformer, one on the pooled vector instead).
 """
 
 from typing import Any, Dict, Optional, Tuple
@@ -30,6 +36,8 @@ IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 POOLS = ("avg", "avg_all", "cls")
 POSEMB_INIT_STDDEV = 0.02
+# Optional `model.model_img` keys (absent: the field's default).
+IMPORT_VARIANT_KEYS = ("patch_bias", "cls_posemb", "ln_pre", "pooled_norm")
 
 
 def patchify(images: Array, patch_size: Tuple[int, int]) -> Array:
@@ -59,6 +67,7 @@ class PatchEmbedding(nn.Module):
   patch_size: Tuple[int, int]
   hidden_size: int
   dtype: Any = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
@@ -67,11 +76,14 @@ class PatchEmbedding(nn.Module):
     kernel = layers.param_with_axes(
         "kernel", nn.initializers.lecun_normal(), (ph, pw, channels, self.hidden_size),
         jnp.float32, axes=("_null0", "_null1", "_null2", "embed"))
-    bias = layers.param_with_axes("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32,
-                                  axes=("embed",))
     patches = patchify(images.astype(self.dtype), self.patch_size)
     flat_kernel = kernel.reshape(ph * pw * channels, self.hidden_size)
-    return precision.add_param(precision.dense(patches, flat_kernel, self.dtype), bias, self.dtype)
+    y = precision.dense(patches, flat_kernel, self.dtype)
+    if not self.use_bias:
+      return y.astype(self.dtype)
+    bias = layers.param_with_axes("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32,
+                                  axes=("embed",))
+    return precision.add_param(y, bias, self.dtype)
 
 
 class VisionTransformer(layers.EncoderFields):
@@ -88,6 +100,10 @@ class VisionTransformer(layers.EncoderFields):
   sincos: bool = True
   use_cls_token: bool = False
   pool: str = "avg"
+  patch_bias: bool = True
+  cls_posemb: bool = False
+  ln_pre: bool = False
+  pooled_norm: bool = False
   pixel_mean: Tuple[float, ...] = IMAGENET_MEAN_RGB
   pixel_std: Tuple[float, ...] = IMAGENET_STD_RGB
 
@@ -114,20 +130,26 @@ class VisionTransformer(layers.EncoderFields):
     layers.check_choice("pool", self.pool, POOLS)
     if self.pool == "cls" and not self.use_cls_token:
       raise ValueError("pool='cls' needs use_cls_token=True")
+    if self.cls_posemb and (self.sincos or not self.use_cls_token):
+      raise ValueError("cls_posemb=True needs a learned table (sincos=False) and use_cls_token=True")
     ratio = self.mask_ratio if mask_ratio is None else mask_ratio
     batch, height, width = images.shape[:3]
     grid_h, grid_w = self.grid((height, width))
 
-    x = PatchEmbedding(self.patch_size, self.hidden_size, self.dtype, name="embedding")(
-        self.normalize(images))
+    x = PatchEmbedding(self.patch_size, self.hidden_size, self.dtype, use_bias=self.patch_bias,
+                       name="embedding")(self.normalize(images))
     x = layers.with_sharding_constraint(x, ("batch", "length", "embed"))
+    cls_posemb = None
     if self.sincos:
       posemb = layers.sincos_2d(grid_h, grid_w, self.hidden_size)[None].astype(self.dtype)
     else:
+      prefix = 1 if self.cls_posemb else 0
       posemb = layers.param_with_axes(
           "pos_embedding", nn.initializers.normal(stddev=POSEMB_INIT_STDDEV),
-          (1, grid_h * grid_w, self.hidden_size), jnp.float32,
+          (1, prefix + grid_h * grid_w, self.hidden_size), jnp.float32,
           axes=("_null0", "length", "embed"))
+      if prefix:
+        cls_posemb, posemb = posemb[:, :prefix], posemb[:, prefix:]
     x = precision.add_param(x, posemb, self.dtype)
 
     token_mask = None
@@ -140,11 +162,15 @@ class VisionTransformer(layers.EncoderFields):
     if self.use_cls_token:
       cls = layers.param_with_axes("cls", nn.initializers.zeros, (1, 1, self.hidden_size),
                                    jnp.float32, axes=("_null0", "_null1", "embed"))
+      if cls_posemb is not None:
+        cls = cls + cls_posemb
       x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.hidden_size)).astype(self.dtype),
                            x], axis=1)
 
+    if self.ln_pre:
+      x = layers.LayerNorm(self.layernorm_epsilon, self.dtype, name="ln_pre")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    x = layers.encoder_of(self)(x, None, train=train)
+    x = layers.encoder_of(self, final_norm=not self.pooled_norm)(x, None, train=train)
 
     if self.pool == "cls":
       pooled = x[:, 0]
@@ -153,6 +179,8 @@ class VisionTransformer(layers.EncoderFields):
     else:
       patch_tokens = x[:, 1:] if self.use_cls_token else x
       pooled = jnp.mean(patch_tokens.astype(jnp.float32), axis=1).astype(self.dtype)
+    if self.pooled_norm:
+      pooled = layers.LayerNorm(self.layernorm_epsilon, self.dtype, name="fc_norm")(pooled)
     return {"pooled": pooled, "tokens": x, "mask": token_mask}
 
 
@@ -164,4 +192,5 @@ def vit_kwargs_from_config(img_config: Any, dtype: Any = jnp.float32) -> Dict[st
       patch_size=tuple(img_config.patches.size),
       **layers.config_fields(img_config, ("hidden_size", "mask_ratio", "sincos", "use_cls_token",
                                           "pool", "layernorm_epsilon")),
+      **layers.present_config_fields(img_config, IMPORT_VARIANT_KEYS),
       dtype=dtype))
