@@ -14,6 +14,10 @@ the bfloat16 step takes bfloat16 operands and accumulates in float32 (the loss's
 excepted, by policy).
 """
 
+import os
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,3 +258,16 @@ def test_every_matmul_of_the_bfloat16_step_is_bfloat16_with_float32_accumulation
       assert dtypes == (BF16, BF16), eqn
       assert eqn.params["preferred_element_type"] == F32, eqn
   assert loss_dots <= 6
+
+
+def test_precision_dots_bench_runs_and_every_mixed_dot_stays_bfloat16_on_cpu(capsys):
+  """bench/precision_dots.py at tiny shapes: it prints its table, and on XLA:CPU every dot of the
+  primitives (forward, both gradients, attention) is a bfloat16 dot, none upcast to float32."""
+  os.environ.setdefault("FLIP_BENCH_CACHE_DIR", "")  # no persistent cache from tests
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+  import precision_dots  # pylint: disable=g-import-not-at-top
+  result = precision_dots.run(precision_dots.parse_args(["--small", "--rounds", "1"]))
+  assert "after/before" in capsys.readouterr().out and result["peak"] > 0
+  assert len(result["table"]) == 2 * 3 + 4
+  for matmul, pass_name, _, kinds in result["table"]:
+    assert kinds["after"] == "ynn-bf16", (matmul, pass_name, kinds)
