@@ -5,7 +5,8 @@ Model presets (all through FLIP's config keys, so the code under test is the tra
 - `sbs`: the side-by-side model of docs/BENCHMARKS.md, the one compared with open_clip: ViT
   patch 16, width 384, 12 layers, 6 heads, class token (pooled), learned position embedding, at
   112 px; text width 256, 6 layers, 4 heads, context 32, vocab 30522, first-token pooling; embed
-  256; LayerNorm epsilon 1e-5 (torch's default, open_clip's); batch 64.
+  256; LayerNorm epsilon 1e-5 (torch's default, open_clip's); fused q/k/v and exact GELU (open_clip's
+  blocks); batch 64.
 - `demo`: configs/cfg_demo.py unchanged (batch 256, 28 px, patch 4, img 128x4, txt 128x2).
 - `tiny`: the `:smoke` size of configs/default.py (for the tests' smoke runs).
 
@@ -66,6 +67,9 @@ def side_by_side_config(mask_ratio: float = 0.0):
   img, txt = config.model.model_img, config.model.model_txt
   img.use_cls_token, img.pool, img.sincos = True, "cls", False
   img.layernorm_epsilon = txt.layernorm_epsilon = s["layernorm_epsilon"]
+  for tower in (img, txt):  # open_clip's blocks: one fused in-projection, exact GELU
+    tower.transformer.qkv_layout = "fused"
+    tower.transformer.gelu = "exact"
   img.mask_ratio = mask_ratio
   txt.vocab_size = s["vocab"]
   config.aug.txt.max_len = s["text_len"]

@@ -8,7 +8,7 @@ ratio, and measured / FLOP ratio (goal >= 0.95 at every ratio); the same speedup
 CPU time is printed beside it (robust to other jobs on a shared machine).
 
 Usage: python bench/masking_speedup.py [--model sbs|demo|tiny] [--ratios 0 0.5 0.75 0.9]
-                                       [--rounds 3] [--steps 2]
+                                       [--rounds 3] [--steps 2] [--dtype float32|bfloat16]
 """
 
 import argparse
@@ -32,18 +32,22 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=2, help="timed steps per ratio per round")
   parser.add_argument("--batch_size", type=int, default=0, help="0 = the preset's")
+  parser.add_argument("--dtype", default="", help="config.dtype (empty: the preset's)")
   return parser.parse_args(argv)
 
 
 def run(args) -> dict:
   if args.ratios[0] != 0.0:
     raise ValueError("--ratios must start with 0 (the reference)")
-  bench_utils.print_header(f"masking speedup, model {args.model}")
+  bench_utils.print_header(f"masking speedup, model {args.model}, dtype "
+                           f"{args.dtype or 'of the preset'}")
   runners = {}
   for ratio in args.ratios:
     config = bench_utils.preset_config(args.model, ratio)
     if args.batch_size:
       config.batch_size = args.batch_size
+    if args.dtype:
+      config.dtype = args.dtype
     runners[ratio] = bench_utils.StepRunner(config)
   first = runners[args.ratios[0]]
   dims = flops.dims_from_config(first.config)

@@ -7,8 +7,12 @@ preset at mask ratio 0 (`flip.flops`: matmul FLOPs, fwd+bwd = 3 x forward). Matm
 step rounds alternate, so load from other processes hits both. MFU = step FLOPs / median step
 time / peak (goal >= 80 % for the unmasked step).
 
+`--dtype bfloat16`: the step with `config.dtype = "bfloat16"` (flip.models.precision) against the
+bfloat16 matmul peak: XLA's bfloat16 dot with float32 accumulation and torch's bfloat16 `torch.mm`
+(NumPy has no bfloat16 matmul).
+
 Usage: python bench/mfu.py [--model sbs|demo|tiny] [--n 2048] [--matmuls 10] [--rounds 3]
-                           [--steps 1] [--threads 2]
+                           [--steps 1] [--threads 2] [--dtype float32|bfloat16]
 """
 
 import argparse
@@ -37,14 +41,17 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=1, help="timed train steps per round")
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   return parser.parse_args(argv)
 
 
-def matmul_fns(n: int, threads: int):
-  """Zero-argument functions, each one blocking n x n x n float32 matmul, per framework."""
+def matmul_fns(n: int, threads: int, dtype: str = "float32"):
+  """Zero-argument functions, each one blocking n x n x n matmul, per framework."""
   rng = np.random.RandomState(0)
   a_np = rng.standard_normal((n, n)).astype(np.float32)
   b_np = rng.standard_normal((n, n)).astype(np.float32)
+  if dtype == "bfloat16":
+    return bf16_matmul_fns(a_np, b_np, threads)
   a_j, b_j = jnp.asarray(a_np), jnp.asarray(b_np)
   matmul = jax.jit(jnp.matmul)
   fns = {"jax": lambda: matmul(a_j, b_j).block_until_ready(),
@@ -59,15 +66,32 @@ def matmul_fns(n: int, threads: int):
   return fns
 
 
+def bf16_matmul_fns(a_np, b_np, threads: int):
+  a_j, b_j = jnp.asarray(a_np, jnp.bfloat16), jnp.asarray(b_np, jnp.bfloat16)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  fns = {"jax": lambda: matmul(a_j, b_j).block_until_ready()}
+  try:
+    import torch
+    torch.set_num_threads(threads)
+    a_t = torch.from_numpy(a_np).to(torch.bfloat16)
+    b_t = torch.from_numpy(b_np).to(torch.bfloat16)
+    fns["torch"] = lambda: torch.mm(a_t, b_t)
+  except ImportError:
+    pass
+  return fns
+
+
 def run(args) -> dict:
-  bench_utils.print_header(f"MFU of the unmasked train step, model {args.model}")
-  runner = bench_utils.StepRunner(bench_utils.preset_config(args.model, 0.0))
+  bench_utils.print_header(f"MFU of the unmasked train step, model {args.model}, {args.dtype}")
+  config = bench_utils.preset_config(args.model, 0.0)
+  config.dtype = args.dtype
+  runner = bench_utils.StepRunner(config)
   holder = {"state": runner.init_state()}
 
   def step():
     holder["state"] = runner.step(holder["state"])
 
-  fns = matmul_fns(args.n, args.threads)
+  fns = matmul_fns(args.n, args.threads, args.dtype)
   times = {name: [] for name in list(fns) + ["step"]}
   for round_index in range(args.rounds):
     warmup = 1 if round_index == 0 else 0
@@ -77,7 +101,7 @@ def run(args) -> dict:
     for name, values in got.items():
       times[name] += values
   matmul_flops = 2 * args.n ** 3
-  print(f"fp32 matmul peak, {args.n}^3, {args.rounds} rounds x {args.matmuls}:")
+  print(f"{args.dtype} matmul peak, {args.n}^3, {args.rounds} rounds x {args.matmuls}:")
   rates = {}
   for name in fns:
     rates[name] = matmul_flops / bench_utils.median(times[name]) / 1e9

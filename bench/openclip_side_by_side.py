@@ -33,8 +33,16 @@ torchvision: the only wheel on the index is a CUDA build whose import fails agai
 open_clip imports it only for its data transforms, so `stub_torchvision` puts inert placeholder
 modules in `sys.modules` before open_clip is imported (nothing installed is modified).
 
+Precision: `--precision fp32` (both sides float32) or `bf16`: ours with `config.dtype =
+"bfloat16"` (flip.models.precision: bfloat16 matmuls with float32 accumulation, float32
+parameters, layer norm, softmax and loss), open_clip under `torch.autocast("cpu",
+dtype=torch.bfloat16)` around the forward pass and the loss, as its training script's
+`--precision amp_bf16` does (backward and AdamW outside, float32 parameters); inference likewise.
+The equivalence check is made in float32 either way.
+
 Usage: python bench/openclip_side_by_side.py [--ratios 0 0.5 0.75] [--rounds 2] [--steps 2]
                                              [--threads 2] [--model sbs|tiny]
+                                             [--precision fp32|bf16]
 """
 
 import argparse
@@ -63,6 +71,7 @@ GOAL_SPEED_RATIO = 1.2  # docs/BENCHMARKS.md's goal: ours >= 1.2 x open_clip's i
 FEATURE_TOLERANCE = 1e-5  # features within 1e-5 after copying the weights
 SIDES = ("ours", "open_clip")
 RESULT_PREFIX = "WORKER_RESULT "
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}  # --precision -> our config.dtype
 TORCHVISION_MODULES = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
                        "torchvision.transforms.v2", "torchvision.ops", "torchvision.ops.misc")
 
@@ -112,14 +121,16 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=2, help="timed steps per ratio per round")
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   parser.add_argument("--inference_batches", type=int, default=3)
+  parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS))
   parser.add_argument("--worker", choices=SIDES, default=None,
                       help="internal: time one side in this process and print its times")
   return parser.parse_args(argv)
 
 
-def model_config(name: str, mask_ratio: float):
+def model_config(name: str, mask_ratio: float, precision: str = "fp32"):
   """The side-by-side config, or (tests) the same structure at the smoke size."""
   config = bench_utils.side_by_side_config(mask_ratio)
+  config.dtype = PRECISIONS[precision]
   if name == "tiny":
     config.image_size = 32
     config.model.model_img.patches.size = (8, 8)
@@ -218,7 +229,7 @@ def openclip_to_flip_params(state_dict, params_template):
   put("txt_encoder/Transformer/encoder_norm/scale", sd["ln_final.weight"])
   put("txt_encoder/Transformer/encoder_norm/bias", sd["ln_final.bias"])
   put("txt_proj/kernel", sd["text_projection"])
-  put("logit_scale", sd["logit_scale"])
+  put("logit_scale", sd["logit_scale"].reshape(template["logit_scale"].shape))
   missing = sorted(set(template) - set(out))
   if missing:
     raise KeyError(f"no open_clip weight for {missing[:3]}")
@@ -276,7 +287,8 @@ def _time_side(fns: dict, steps: int) -> tuple:
 
 def run_worker(args) -> dict:
   """One side's train steps at every ratio and its inference batches, timed in this process."""
-  runners = {r: bench_utils.StepRunner(model_config(args.model, r)) for r in args.ratios}
+  runners = {r: bench_utils.StepRunner(model_config(args.model, r, args.precision))
+             for r in args.ratios}
   first = runners[args.ratios[0]]
   batch_np = first.batch
   if args.worker == "ours":
@@ -301,14 +313,18 @@ def run_worker(args) -> dict:
     model, optimizer, clip_loss = build_openclip(first.config, args.threads)
     images_t = torch_images(batch_np["image"])
     tokens_t = torch.from_numpy(batch_np["txt"].astype(np.int64))
+    import contextlib
+    autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16"
+                else contextlib.nullcontext)
 
     def torch_step(ratio):
       def fn():
         model.visual.patch_dropout = (openclip_transformer.PatchDropout(ratio) if ratio > 0
                                       else torch.nn.Identity())
         optimizer.zero_grad(set_to_none=True)
-        image_features, text_features, logit_scale = model(images_t, tokens_t)[:3]
-        loss = clip_loss(image_features, text_features, logit_scale)
+        with autocast():
+          image_features, text_features, logit_scale = model(images_t, tokens_t)[:3]
+          loss = clip_loss(image_features, text_features, logit_scale)
         loss.backward()
         optimizer.step()
       return fn
@@ -317,7 +333,7 @@ def run_worker(args) -> dict:
 
     def infer():
       model.eval()
-      with torch.no_grad():
+      with torch.no_grad(), autocast():
         model.encode_image(images_t, normalize=True)
       model.train()
 
@@ -333,7 +349,8 @@ def run_worker(args) -> dict:
 def _run_worker_process(args, side: str) -> dict:
   command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model", args.model,
              "--ratios", *[str(r) for r in args.ratios], "--steps", str(args.steps),
-             "--threads", str(args.threads), "--inference_batches", str(args.inference_batches)]
+             "--threads", str(args.threads), "--inference_batches", str(args.inference_batches),
+             "--precision", args.precision]
   done = subprocess.run(command, capture_output=True, text=True, check=False)
   lines = [l for l in done.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
   if done.returncode != 0 or not lines:
@@ -348,7 +365,7 @@ def run(args) -> dict:
   stub_torchvision()
   import open_clip
   import torch
-  bench_utils.print_header(f"side by side with open_clip, model {args.model}")
+  bench_utils.print_header(f"side by side with open_clip, model {args.model}, {args.precision}")
   first = bench_utils.StepRunner(model_config(args.model, args.ratios[0]))
   config, batch_np = first.config, first.batch
   model, _, _ = build_openclip(config, args.threads)
@@ -376,7 +393,7 @@ def run(args) -> dict:
 
   batch = config.batch_size
   dims = flops.dims_from_config(config)
-  print(f"training step, batch {batch}, fp32; {args.rounds} rounds (one process per side per "
+  print(f"training step, batch {batch}, {args.precision}; {args.rounds} rounds (one process per side per "
         f"round) x {args.steps} steps per ratio; img/s from the median step")
   print(f"{'mask':>5} {'ours img/s':>10} {'open_clip img/s':>15} {'ours/open_clip':>14} goal "
         f"{'ours GFLOP/s':>12} {'open_clip GFLOP/s':>17} {'cpu-time ratio':>14}")

@@ -2,7 +2,8 @@
 
 Full run: the side-by-side model of docs/BENCHMARKS.md (masking speedup, open_clip comparison,
 MFU, the step profile (compile time, page faults), memory on 8 simulated devices, scaling plan
-with its small-scale check), the loss-memory and input-pipeline benchmarks. `--quick`: the same
+with its small-scale check), the loss-memory and input-pipeline benchmarks, the bfloat16 matmul
+table and the float32-vs-bfloat16 step. `--quick`: the same
 scripts on the tiny/demo presets with one round each (minutes, for checking that everything runs;
 its numbers mean little). A script that fails is reported and the others still run; the exit
 status is non-zero if any failed.
@@ -28,6 +29,8 @@ FULL = {
     "scaling_plan": ["--check_model", "sbs"],
     "loss_memory": [],
     "input_pipeline": [],
+    "precision_dots": [],
+    "precision_step": ["--model", "demo", "--ratios", "0.5"],
 }
 QUICK = {
     "masking_speedup": ["--model", "demo", "--rounds", "1", "--steps", "1"],
@@ -40,6 +43,8 @@ QUICK = {
     "loss_memory": ["--batch", "1024"],
     "input_pipeline": ["--image_sizes", "28", "--formats", "tfrecord", "--batches", "5",
                        "--steps", "2"],
+    "precision_dots": ["--small", "--rounds", "1"],
+    "precision_step": ["--model", "tiny", "--rounds", "1", "--steps", "1"],
 }
 
 

@@ -7,8 +7,8 @@
 - "fused" (ours): one kernel `qkv_kernel` [embed, 3, heads, kv] and bias `qkv_bias` [3, heads, kv]
   (one matmul instead of three), and `out_kernel` / `out_bias`.
 Both compute the same function of the same numbers: logits and softmax in float32 whatever the
-compute dtype, padding (and, when `causal`, every later position) masked with the most negative
-finite float. Kernels are initialised as
+compute dtype, matmuls through flip.models.precision, padding (and, when `causal`, every later
+position) masked with the most negative finite float. Kernels are initialised as
 their [rows, rest] matrix views would be (fan-in and fan-out of a 2-D kernel).
 """
 
@@ -18,6 +18,8 @@ import flax.linen as nn
 from flax.linen import partitioning as nn_partitioning
 import jax
 import jax.numpy as jnp
+
+from flip.models import precision
 
 Array = jax.Array
 Dtype = Any
@@ -63,8 +65,8 @@ class HeadsProjection(nn.Module):
                              axes=("embed", "heads", "kv"))
     bias = param_with_axes("bias", nn.initializers.zeros, (self.num_heads, self.head_dim),
                            jnp.float32, axes=("heads", "kv"))
-    y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype)
+    y = precision.contract("bld,dhk->blhk", x, kernel, self.dtype)
+    return precision.add_param(y, bias, self.dtype)
 
 
 class HeadsOutput(nn.Module):
@@ -82,8 +84,8 @@ class HeadsOutput(nn.Module):
                              axes=("heads", "kv", "embed"))
     bias = param_with_axes("bias", nn.initializers.zeros, (self.features,), jnp.float32,
                            axes=("embed",))
-    y = jnp.einsum("blhk,hkd->bld", x.astype(self.dtype), kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype)
+    y = precision.contract("blhk,hkd->bld", x, kernel, self.dtype)
+    return precision.add_param(y, bias, self.dtype)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -108,8 +110,8 @@ class MultiHeadSelfAttention(nn.Module):
                                  jnp.float32, axes=("embed", "stack", "heads", "kv"))
     qkv_bias = param_with_axes("qkv_bias", nn.initializers.zeros, (3, self.num_heads, head_dim),
                                jnp.float32, axes=("stack", "heads", "kv"))
-    qkv = jnp.einsum("bld,dshk->sblhk", x.astype(self.dtype), qkv_kernel.astype(self.dtype))
-    qkv = qkv + qkv_bias.astype(self.dtype)[:, None, None]
+    qkv = precision.contract("bld,dshk->sblhk", x, qkv_kernel, self.dtype)
+    qkv = precision.add_param(qkv, qkv_bias[:, None, None], self.dtype)
     return qkv[0], qkv[1], qkv[2]
 
   def _separate_qkv(self, x: Array, head_dim: int) -> Tuple[Array, Array, Array]:
@@ -122,8 +124,8 @@ class MultiHeadSelfAttention(nn.Module):
                                  jnp.float32, axes=("heads", "kv", "embed"))
     out_bias = param_with_axes("out_bias", nn.initializers.zeros, (width,), jnp.float32,
                                axes=("embed",))
-    return (jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
-            + out_bias.astype(self.dtype))
+    return precision.add_param(precision.contract("blhk,hkd->bld", out, out_kernel, self.dtype),
+                               out_bias, self.dtype)
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Optional[Array], *, deterministic: bool) -> Array:
@@ -143,7 +145,7 @@ class MultiHeadSelfAttention(nn.Module):
     value = with_sharding_constraint(value, ("batch", "length", "heads", "kv"))
 
     query = query * jnp.asarray(head_dim ** -0.5, self.dtype)
-    logits = jnp.einsum("bqhk,bthk->bhqt", query, key, preferred_element_type=jnp.float32)
+    logits = precision.attention_logits(query, key, self.dtype)
     allowed = None if key_mask is None else key_mask[:, None, None, :]
     if self.causal:
       length = logits.shape[-1]
@@ -155,7 +157,7 @@ class MultiHeadSelfAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if not deterministic and self.dropout_rate > 0.0:
       weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum("bhqt,bthk->bqhk", weights, value)
+    out = precision.attention_values(weights, value, self.dtype)
     out = with_sharding_constraint(out, ("batch", "length", "heads", "kv"))
 
     if self.qkv_layout == "fused":

@@ -24,7 +24,9 @@ Decisions where FLIP/ViT are silent or differ between codebases:
   `jax.nn.dot_product_attention` path, and a hand-written VJP for the exact GELU; later the q/k/v
   index after the length axis and three separate projections (within 1 %: XLA's layout
   assignment makes them the same program);
-- attention logits and softmax are computed in float32 whatever the compute dtype;
+- attention logits and softmax are computed in float32 whatever the compute dtype; every matmul
+  goes through flip.models.precision (bfloat16 compute: float32 accumulation, float32 kernel
+  gradients);
 - padding is masked with the most negative finite float (not -inf) so a row can never be all -inf;
 - variants that host other projects' weights exactly: `gelu="quick"` (OpenAI CLIP's QuickGELU),
   `causal` attention (open_clip's text tower), `layer_scale_init` (LayerScale on both residual
@@ -49,6 +51,7 @@ from flip.models.attention import HeadsOutput  # pylint: disable=unused-import (
 from flip.models.attention import HeadsProjection  # pylint: disable=unused-import (public name)
 from flip.models.attention import MultiHeadSelfAttention
 from flip.models.attention import QKV_LAYOUTS
+from flip.models import precision
 
 Array = jax.Array
 Dtype = Any
@@ -129,12 +132,12 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = param_with_axes("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32,
                              axes=self.kernel_axes)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = precision.dense(x, kernel, self.dtype)
     if self.use_bias:
       bias = param_with_axes("bias", self.bias_init, (self.features,), jnp.float32,
                              axes=(self.kernel_axes[-1],))
-      y = y + bias.astype(self.dtype)
-    return y
+      y = precision.add_param(y, bias, self.dtype)
+    return y.astype(self.dtype)
 
 
 def gelu(x: Array, kind: str) -> Array:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from flip.models import layers
+from flip.models import precision
 
 Array = jax.Array
 
@@ -65,7 +66,7 @@ class TextTransformer(layers.EncoderFields):
     posemb = layers.param_with_axes(
         "pos_embedding", nn.initializers.normal(stddev=EMBEDDING_INIT_STDDEV),
         (1, self.max_len, self.hidden_size), jnp.float32, axes=("_null0", "length", "embed"))
-    x = x + posemb[:, :length].astype(self.dtype)
+    x = precision.add_param(x, posemb[:, :length], self.dtype)
     x = layers.with_sharding_constraint(x, ("batch", "length", "embed"))
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
 

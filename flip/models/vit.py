@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from flip import masking
 from flip.models import layers
+from flip.models import precision
 
 Array = jax.Array
 
@@ -76,13 +77,13 @@ class PatchEmbedding(nn.Module):
         "kernel", nn.initializers.lecun_normal(), (ph, pw, channels, self.hidden_size),
         jnp.float32, axes=("_null0", "_null1", "_null2", "embed"))
     patches = patchify(images.astype(self.dtype), self.patch_size)
-    flat_kernel = kernel.reshape(ph * pw * channels, self.hidden_size).astype(self.dtype)
-    y = jnp.dot(patches, flat_kernel)
+    flat_kernel = kernel.reshape(ph * pw * channels, self.hidden_size)
+    y = precision.dense(patches, flat_kernel, self.dtype)
     if not self.use_bias:
-      return y
+      return y.astype(self.dtype)
     bias = layers.param_with_axes("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32,
                                   axes=("embed",))
-    return y + bias.astype(self.dtype)
+    return precision.add_param(y, bias, self.dtype)
 
 
 class VisionTransformer(layers.EncoderFields):
@@ -146,10 +147,10 @@ class VisionTransformer(layers.EncoderFields):
       posemb = layers.param_with_axes(
           "pos_embedding", nn.initializers.normal(stddev=POSEMB_INIT_STDDEV),
           (1, prefix + grid_h * grid_w, self.hidden_size), jnp.float32,
-          axes=("_null0", "length", "embed")).astype(self.dtype)
+          axes=("_null0", "length", "embed"))
       if prefix:
         cls_posemb, posemb = posemb[:, :prefix], posemb[:, prefix:]
-    x = x + posemb
+    x = precision.add_param(x, posemb, self.dtype)
 
     token_mask = None
     if ratio > 0.0:
@@ -160,10 +161,11 @@ class VisionTransformer(layers.EncoderFields):
 
     if self.use_cls_token:
       cls = layers.param_with_axes("cls", nn.initializers.zeros, (1, 1, self.hidden_size),
-                                   jnp.float32, axes=("_null0", "_null1", "embed")).astype(self.dtype)
+                                   jnp.float32, axes=("_null0", "_null1", "embed"))
       if cls_posemb is not None:
         cls = cls + cls_posemb
-      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.hidden_size)), x], axis=1)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.hidden_size)).astype(self.dtype),
+                           x], axis=1)
 
     if self.ln_pre:
       x = layers.LayerNorm(self.layernorm_epsilon, self.dtype, name="ln_pre")(x)
