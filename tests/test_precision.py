@@ -182,6 +182,51 @@ def test_mixed_dense_layer_rounds_its_output_to_the_compute_dtype():
   assert variables["params"]["kernel"].dtype == F32
 
 
+def test_mixed_dense_layer_keeps_the_float32_accumulator_when_asked():
+  rng = np.random.RandomState(8)
+  x = jnp.asarray(draw(rng, 2, 3, 16)).astype(BF16)
+  dense = layers.Dense(8, ("embed", "mlp"), dtype=BF16, round_output=False)
+  variables = dense.init(jax.random.PRNGKey(0), x)
+  kernel = bf16_round(variables["params"]["kernel"])
+  bias = np.full((8,), 0.3)
+  got = dense.apply({"params": {"kernel": variables["params"]["kernel"],
+                                "bias": jnp.asarray(bias, F32)}}, x)
+  assert got.dtype == F32
+  want = np.asarray(x, np.float64) @ kernel + bias
+  assert rel_err(got, want) < TIGHT
+
+
+def _gelu64(x):
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x, np.float64)
+  return 0.5 * x * (1.0 + special.erf(x / np.sqrt(2.0)))
+
+
+def test_gelu_erf_form_and_erfc_form_against_float64():
+  x = np.linspace(-8.0, 8.0, 20001).astype(np.float32)
+  want = _gelu64(x)
+  erf_form = np.asarray(jax.jit(lambda v: layers.gelu(v, "exact", erf_form=True))(x))
+  erfc_form = np.asarray(jax.jit(lambda v: layers.gelu(v, "exact"))(x))
+  # torch's exact GELU is within 1.1e-6 of float64 on this range; the erfc form within 4e-7.
+  assert np.abs(erf_form - want).max() < 2e-6
+  assert np.abs(erfc_form - want).max() < 6e-7
+
+
+def test_mixed_mlp_block_applies_gelu_to_the_float32_accumulator_and_rounds_once():
+  rng = np.random.RandomState(9)
+  x = jnp.asarray(draw(rng, 2, 5, 16)).astype(BF16)
+  block = layers.MlpBlock(32, dtype=BF16)
+  variables = block.init(jax.random.PRNGKey(0), x, deterministic=True)
+  params = jax.tree.map(lambda v: v + 0.1, variables["params"])
+  got = block.apply({"params": params}, x, deterministic=True)
+  k0, b0 = (np.asarray(params["Dense_0"][n], np.float64) for n in ("kernel", "bias"))
+  k1, b1 = (np.asarray(params["Dense_1"][n], np.float64) for n in ("kernel", "bias"))
+  hidden = bf16_round(_gelu64(np.asarray(x, np.float64) @ bf16_round(k0) + b0))
+  want = bf16_round(hidden @ bf16_round(k1) + b1)
+  assert got.dtype == BF16
+  assert rel_err(got, want) < ROUNDED
+
+
 def _demo_grads(dtype, batch_size=16):
   config = cfg_demo.get_config()
   config.batch_size = batch_size

@@ -119,7 +119,11 @@ class LayerNorm(nn.Module):
 
 
 class Dense(nn.Module):
-  """y = x @ kernel + bias on the last axis, kernel axes given as logical names."""
+  """y = x @ kernel + bias on the last axis, kernel axes given as logical names.
+
+  The result is in the compute dtype, or with `round_output=False` in float32 (under bfloat16
+  compute: the float32 accumulator plus the float32 bias, for an activation that follows).
+  """
 
   features: int
   kernel_axes: Tuple[str, str]
@@ -127,25 +131,38 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros
+  round_output: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = param_with_axes("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32,
                              axes=self.kernel_axes)
     y = precision.dense(x, kernel, self.dtype)
+    out_dtype = self.dtype if self.round_output else precision.ACCUMULATION_DTYPE
     if self.use_bias:
       bias = param_with_axes("bias", self.bias_init, (self.features,), jnp.float32,
                              axes=(self.kernel_axes[-1],))
-      y = precision.add_param(y, bias, self.dtype)
-    return y.astype(self.dtype)
+      y = precision.add_param(y, bias, out_dtype)
+    return y.astype(out_dtype)
 
 
-def gelu(x: Array, kind: str) -> Array:
-  """GELU of the named kind: "exact" (erf), "tanh" (the tanh approximation, FLIP's) or "quick"
-  (x * sigmoid(1.702 x), the QuickGELU of OpenAI's CLIP weights)."""
+def gelu(x: Array, kind: str, *, erf_form: bool = False) -> Array:
+  """GELU of the named kind: "exact", "tanh" (the tanh approximation, FLIP's) or "quick"
+  (x * sigmoid(1.702 x), the QuickGELU of OpenAI's CLIP weights).
+
+  "exact" is `flax.linen.gelu` (x/2 erfc(-x / sqrt 2): within 4e-7 of float64), or with
+  `erf_form` x/2 (1 + erf(x / sqrt 2)) (torch's formula; within 1.1e-6 of float64, as torch's
+  own). The erf form is what bfloat16 compute uses (`MlpBlock`): XLA expands erfc into both of
+  its branches and three divisions per element, which made this one activation a large share of
+  the bfloat16 image tower's time (docs/BENCHMARKS.md), and an error of 1e-6 is far below
+  bfloat16's rounding. float32 compute keeps the more accurate erfc.
+  """
   if kind == "quick":
     return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
-  return nn.gelu(x, approximate=(kind == "tanh"))
+  if kind == "tanh" or not erf_form:
+    return nn.gelu(x, approximate=(kind == "tanh"))
+  half = jnp.asarray(0.5, x.dtype)
+  return half * x * (1 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class LayerScale(nn.Module):
@@ -172,9 +189,10 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
     width = x.shape[-1]
+    # The activation reads the float32 accumulator and is rounded once (bfloat16 compute).
     h = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, kernel_init=self.kernel_init,
-              name="Dense_0")(x)
-    h = gelu(h, self.gelu)
+              round_output=False, name="Dense_0")(x)
+    h = gelu(h, self.gelu, erf_form=precision.is_mixed(self.dtype)).astype(self.dtype)
     h = with_sharding_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(rate=self.dropout_rate)(h, deterministic=deterministic)
     y = Dense(width, ("mlp", "embed"), dtype=self.dtype, kernel_init=self.kernel_init,
