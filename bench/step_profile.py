@@ -5,7 +5,10 @@ optionally with fewer layers), times the first call (compilation) and `--steps` 
 and prints per step: wall time, process user and kernel CPU seconds, and minor page faults (what
 showed that XLA's per-step temporaries were faulted in afresh at every step: docs/BENCHMARKS.md,
 "Host allocator and the non-finite guard"). `--trace DIR` writes a jax profiler trace of two more
-steps (per-thunk times; open with TensorBoard or Perfetto).
+steps (open with TensorBoard or Perfetto) and prints where their time went: per thunk kind, per
+model part and pass, and the costliest instructions (bench/trace_summary.py). `--inference`
+profiles the image tower's unmasked forward pass (what the side-by-side times as inference)
+instead of the train step; `--dtype bfloat16` the mixed-precision step.
 
 `--flip_root` imports `flip` (and the presets) from another checkout, so one command measures an
 older commit against this one on the same machine, e.g.
@@ -15,6 +18,7 @@ The compilation cache is off unless `--cache` (a cached executable would hide th
 
 Usage: python bench/step_profile.py [--model sbs] [--mask_ratio 0] [--img_layers 12]
                                     [--txt_layers 6] [--steps 6] [--trace DIR] [--flip_root DIR]
+                                    [--dtype float32|bfloat16] [--inference] [--rows 20]
 """
 
 import argparse
@@ -34,6 +38,11 @@ def parse_args(argv=None):
   parser.add_argument("--trace", default="", help="write a jax profiler trace here")
   parser.add_argument("--flip_root", default="", help="import flip from this checkout")
   parser.add_argument("--cache", action="store_true", help="use the bench compilation cache")
+  parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                      help="compute dtype (default: the preset's)")
+  parser.add_argument("--inference", action="store_true",
+                      help="profile the image tower's forward pass instead of the train step")
+  parser.add_argument("--rows", type=int, default=20, help="rows per table of the trace summary")
   return parser.parse_args(argv)
 
 
@@ -52,28 +61,49 @@ def run(args) -> dict:
   # pylint: disable=g-import-not-at-top
   import bench_utils
   import jax
+  import jax.numpy as jnp
+  import trace_summary
 
-  bench_utils.print_header(f"train step profile, model {args.model}, mask {args.mask_ratio}, "
-                           f"flip from {root}")
+  what = "image inference" if args.inference else "train step"
+  bench_utils.print_header(f"{what} profile, model {args.model}, mask {args.mask_ratio}, "
+                           f"dtype {args.dtype or 'preset'}, flip from {root}")
   config = bench_utils.preset_config(args.model, args.mask_ratio)
+  if args.dtype:
+    config.dtype = args.dtype
   if args.img_layers is not None:
     config.model.model_img.transformer.num_layers = args.img_layers
   if args.txt_layers is not None:
     config.model.model_txt.transformer.num_layers = args.txt_layers
   runner = bench_utils.StepRunner(config)
   state = runner.init_state()
+  if args.inference:
+    encode = jax.jit(runner.task.encode_image)
+    images = jnp.asarray(runner.batch["image"])
+
+    def step(state):
+      jax.block_until_ready(encode(state.params, images))
+      return state
+
+    def compiled_text(state):
+      return encode.lower(state.params, images).compile().as_text()
+  else:
+    step = runner.step
+
+    def compiled_text(state):
+      return runner.trainer.p_train_step.lower(
+          state, runner.trainer.global_batch(runner.batch)).compile().as_text()
   start = time.perf_counter()
-  state = runner.step(state)
+  state = step(state)
   compile_s = time.perf_counter() - start
   compile_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-  print(f"first step (compiles): {compile_s:.1f} s; peak resident memory so far "
+  print(f"first call: {compile_s:.1f} s; peak resident memory so far "
         f"{compile_rss_gb:.2f} GB", flush=True)
-  state = runner.step(state)  # one untimed step: the heap reaches its working size
+  state = step(state)  # one untimed step: the heap reaches its working size
   steps = []
   for _ in range(args.steps):
     user0, sys0, faults0 = _usage()
     start = time.perf_counter()
-    state = runner.step(state)
+    state = step(state)
     wall = time.perf_counter() - start
     user1, sys1, faults1 = _usage()
     steps.append(dict(wall=wall, user=user1 - user0, kernel=sys1 - sys0, faults=faults1 - faults0))
@@ -83,11 +113,15 @@ def run(args) -> dict:
   median = bench_utils.median([s["wall"] for s in steps])
   print(f"median step {median:.3f} s; page faults per step {steps[-1]['faults']:,} (last step)")
   if args.trace:
-    jax.profiler.start_trace(args.trace)
-    for _ in range(2):
-      state = runner.step(state)
+    traced_steps = 2
+    jax.profiler.start_trace(args.trace, create_perfetto_trace=True)
+    for _ in range(traced_steps):
+      state = step(state)
     jax.profiler.stop_trace()
-    print(f"trace of 2 steps written under {args.trace}")
+    print(f"trace of {traced_steps} steps written under {args.trace}")
+    # The same program again, ahead of time, for its instruction names and metadata.
+    trace_summary.print_tables(
+        trace_summary.summarise(args.trace, compiled_text(state), traced_steps), args.rows)
   return dict(compile_s=compile_s, compile_rss_gb=compile_rss_gb, median_step=median,
               steps=steps)
 

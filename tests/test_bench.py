@@ -4,8 +4,9 @@ tiny models (they must run and print their tables; their numbers are not checked
 not tests). Smoke runs that compile a train step are marked slow (FLIP_SLOW_TESTS=1)."""
 
 import importlib
-import os
 import math
+import os
+import re
 import sys
 
 import jax
@@ -168,6 +169,45 @@ def test_memory_and_scaling_check_smoke(capsys):
   checked = _bench("scaling_plan").main(["--check_model", "tiny", "--devices", "256"])["check"]
   assert len(checked) == 6
   assert "predicted" in capsys.readouterr().out
+
+
+def test_trace_summary_attributes_thunks_of_a_traced_program(tmp_path):
+  trace_summary = _bench("trace_summary")
+  x = jnp.asarray(np.random.RandomState(0).standard_normal((256, 128)), jnp.float32)
+  fn = jax.jit(lambda a: jnp.tanh(a @ a.T).sum())
+  hlo = fn.lower(x).compile().as_text()
+  jax.block_until_ready(fn(x))
+  jax.profiler.start_trace(str(tmp_path), create_perfetto_trace=True)
+  for _ in range(2):
+    jax.block_until_ready(fn(x))
+  jax.profiler.stop_trace()
+  tables = trace_summary.summarise(str(tmp_path), hlo, steps=2)
+  kinds = dict(tables["by_kind"])
+  assert kinds and all(ms > 0 for ms in kinds.values())
+  # Every kind counted is an instruction of the compiled program (host-side events are not).
+  assert all(re.search(r"%" + re.escape(kind) + r"(\.\d+)? = ", hlo) for kind in kinds)
+  assert sum(kinds.values()) == pytest.approx(sum(ms for _, ms in tables["by_part"]))
+
+
+def test_trace_summary_reads_the_model_part_and_pass_from_op_names():
+  part_of = _bench("trace_summary").part_of
+  image = "jit(_train_step)/jvp(FlipModel.embed)/FlipModel.encode_image/img_encoder/Transformer/"
+  assert part_of(image + "encoderblock_03/MlpBlock_0/Dense_1/dot_general") == "MLP dense 1"
+  assert part_of(image + "encoderblock_03/MlpBlock_0/erf") == "MLP activation"
+  assert part_of(image + "encoderblock_00/MultiHeadSelfAttention_0/"
+                 "MultiHeadSelfAttention_0._fused_qkv/dot_general") == (
+                     "attention q/k/v projection")
+  assert part_of(image + "encoderblock_00/LayerNorm_1/reduce_sum") == "layer norm"
+  assert part_of("jit(_train_step)/add") == "optimizer, gradient norm, guard"
+  assert part_of("") == "unattributed (copies, layout changes)"
+
+
+def test_step_profile_inference_trace_smoke(tmp_path, capsys):
+  results = _bench("step_profile").main(["--model", "tiny", "--steps", "2", "--inference",
+                                         "--dtype", "bfloat16", "--trace", str(tmp_path)])
+  assert len(results["steps"]) == 2 and results["median_step"] > 0
+  out = capsys.readouterr().out
+  assert "per model part, pass and op" in out and "thunk time per step" in out
 
 
 @pytest.mark.slow

@@ -60,7 +60,8 @@ def vjp_mixed(fn, *args):
 CONTRACTIONS = [
     ("bld,dm->blm", (3, 10, 48), (48, 40)),  # Dense on [B, L, D] (MLP, projections)
     ("bd,dm->bm", (24, 48), (48, 16)),  # Dense on pooled [B, D] (img_proj / txt_proj)
-    ("bld,dshk->sblhk", (3, 10, 48), (48, 3, 4, 12)),  # fused q/k/v
+    ("bld,dshk->sblhk", (3, 10, 48), (48, 3, 4, 12)),  # a transposed output
+    ("bld,dshk->blshk", (3, 10, 48), (48, 3, 4, 12)),  # fused q/k/v
     ("bld,dhk->blhk", (3, 10, 48), (48, 4, 12)),  # separate q, k or v
     ("blhk,hkd->bld", (3, 10, 4, 12), (4, 12, 48)),  # attention output
     ("bpc,cd->bpd", (3, 16, 48), (48, 32)),  # patch embedding (patchified)
@@ -87,6 +88,45 @@ def test_contract_forward_and_both_gradients_against_float64(spec, x_shape, k_sh
   assert rel_err(out, exact) < BF16_VS_EXACT
   exact_dk = np.einsum(f"{x_axes},{out_axes}->{k_axes}", x.astype(np.float64), g)
   assert rel_err(dk, exact_dk) < BF16_VS_EXACT
+
+
+# (spec, x shape, kernel shape) of the matmuls that carry a bias (their output keeps the kernel's
+# axes last, in order).
+AFFINE = [c for c in CONTRACTIONS if c[0] != "bld,dshk->sblhk"]
+
+
+@pytest.mark.parametrize("spec,x_shape,k_shape", AFFINE)
+def test_contract_with_bias_rounds_once_and_keeps_the_cotangent_in_bfloat16(spec, x_shape,
+                                                                            k_shape):
+  rng = np.random.RandomState(3)
+  x, kernel = draw(rng, *x_shape), draw(rng, *k_shape)
+  inputs, out_axes = spec.split("->")
+  x_axes, k_axes = inputs.split(",")
+  n_shared = sum(a in k_axes for a in x_axes)
+  bias = draw(rng, *k_shape[n_shared:])
+  out, vjp = jax.vjp(lambda a, b, c: precision.contract(spec, a, b, BF16, c),
+                     jnp.asarray(x, BF16), jnp.asarray(kernel), jnp.asarray(bias))
+  g = np.random.RandomState(7).standard_normal(out.shape).astype(np.float32)
+  dx, dk, db = vjp(jnp.asarray(g, BF16))
+  assert out.dtype == BF16 and dx.dtype == BF16 and dk.dtype == F32 and db.dtype == F32
+  xr, kr, gr = bf16_round(x), bf16_round(kernel), bf16_round(g)
+  ref = np.einsum(spec, xr, kr) + bias
+  assert rel_err(out, ref) < ROUNDED
+  # One rounding: the bfloat16 rounding of the exact sum, except where float32 accumulation
+  # lands on the other side of a rounding boundary (rare); rounding the matmul before adding
+  # the bias would differ in a large fraction of the elements.
+  once = np.asarray(jnp.asarray(ref, F32).astype(BF16), np.float32)
+  assert np.mean(np.asarray(out, np.float32) != once) < 0.005
+  assert rel_err(dk, np.einsum(f"{x_axes},{out_axes}->{k_axes}", xr, gr)) < TIGHT
+  assert rel_err(dx, np.einsum(f"{out_axes},{k_axes}->{x_axes}", gr, kr)) < ROUNDED
+  lead = tuple(range(len(out_axes) - (len(k_axes) - n_shared)))
+  assert rel_err(db, gr.sum(axis=lead)) < TIGHT
+
+
+def test_contract_with_bias_refuses_a_transposed_output():
+  x, kernel = jnp.ones((2, 3, 8), BF16), jnp.ones((8, 3, 2, 4))
+  with pytest.raises(ValueError, match="kernel's axes last"):
+    precision.contract("bld,dshk->sblhk", x, kernel, BF16, jnp.ones((3, 2, 4)))
 
 
 def test_dense_is_contract_on_the_last_axis():

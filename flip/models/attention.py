@@ -65,8 +65,7 @@ class HeadsProjection(nn.Module):
                              axes=("embed", "heads", "kv"))
     bias = param_with_axes("bias", nn.initializers.zeros, (self.num_heads, self.head_dim),
                            jnp.float32, axes=("heads", "kv"))
-    y = precision.contract("bld,dhk->blhk", x, kernel, self.dtype)
-    return precision.add_param(y, bias, self.dtype)
+    return precision.contract("bld,dhk->blhk", x, kernel, self.dtype, bias)
 
 
 class HeadsOutput(nn.Module):
@@ -84,8 +83,7 @@ class HeadsOutput(nn.Module):
                              axes=("heads", "kv", "embed"))
     bias = param_with_axes("bias", nn.initializers.zeros, (self.features,), jnp.float32,
                            axes=("embed",))
-    y = precision.contract("blhk,hkd->bld", x, kernel, self.dtype)
-    return precision.add_param(y, bias, self.dtype)
+    return precision.contract("blhk,hkd->bld", x, kernel, self.dtype, bias)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -110,9 +108,12 @@ class MultiHeadSelfAttention(nn.Module):
                                  jnp.float32, axes=("embed", "stack", "heads", "kv"))
     qkv_bias = param_with_axes("qkv_bias", nn.initializers.zeros, (3, self.num_heads, head_dim),
                                jnp.float32, axes=("stack", "heads", "kv"))
-    qkv = precision.contract("bld,dshk->sblhk", x, qkv_kernel, self.dtype)
-    qkv = precision.add_param(qkv, qkv_bias[:, None, None], self.dtype)
-    return qkv[0], qkv[1], qkv[2]
+    # [B, L, 3, heads, kv] in the matmul's own layout, split on the stack axis: the backward pass
+    # then concatenates the three gradients (indexing a [3, ...] stack made it add three padded
+    # copies in float32).
+    qkv = precision.contract("bld,dshk->blshk", x, qkv_kernel, self.dtype, qkv_bias)
+    query, key, value = (part[:, :, 0] for part in jnp.split(qkv, 3, axis=2))
+    return query, key, value
 
   def _separate_qkv(self, x: Array, head_dim: int) -> Tuple[Array, Array, Array]:
     return tuple(HeadsProjection(self.num_heads, head_dim, self.dtype, self.kernel_init,
@@ -124,8 +125,7 @@ class MultiHeadSelfAttention(nn.Module):
                                  jnp.float32, axes=("heads", "kv", "embed"))
     out_bias = param_with_axes("out_bias", nn.initializers.zeros, (width,), jnp.float32,
                                axes=("embed",))
-    return precision.add_param(precision.contract("blhk,hkd->bld", out, out_kernel, self.dtype),
-                               out_bias, self.dtype)
+    return precision.contract("blhk,hkd->bld", out, out_kernel, self.dtype, out_bias)
 
   @nn.compact
   def __call__(self, x: Array, key_mask: Optional[Array], *, deterministic: bool) -> Array:

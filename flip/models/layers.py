@@ -137,13 +137,16 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = param_with_axes("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32,
                              axes=self.kernel_axes)
-    y = precision.dense(x, kernel, self.dtype)
-    out_dtype = self.dtype if self.round_output else precision.ACCUMULATION_DTYPE
+    bias = None
     if self.use_bias:
       bias = param_with_axes("bias", self.bias_init, (self.features,), jnp.float32,
                              axes=(self.kernel_axes[-1],))
-      y = precision.add_param(y, bias, out_dtype)
-    return y.astype(out_dtype)
+    if self.round_output:
+      return precision.dense(x, kernel, self.dtype, bias).astype(self.dtype)
+    y = precision.dense(x, kernel, self.dtype)
+    if bias is not None:
+      y = precision.add_param(y, bias, precision.ACCUMULATION_DTYPE)
+    return y.astype(precision.ACCUMULATION_DTYPE)
 
 
 def gelu(x: Array, kind: str, *, erf_form: bool = False) -> Array:

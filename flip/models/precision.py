@@ -7,17 +7,19 @@ Policy (FLIP's `config.dtype` is the compute dtype; `POLICY` below in words):
   ran: the same program, bit for bit;
 - with a lower-precision compute dtype (bfloat16) every matmul -- forward, data gradient and
   weight gradient -- takes operands in that dtype and accumulates in float32
-  (`preferred_element_type=float32`); its float32 result is where biases, position embeddings and
-  residual-free additions of float32 parameters happen (`add_param`), before the activation is
-  rounded to the compute dtype; a kernel's gradient leaves the float32 accumulator as float32
-  (never rounded to bfloat16); layer norm, softmax, logits of the loss and the loss stay float32
-  (flip.models.layers, flip.models.attention, flip.losses).
+  (`preferred_element_type=float32`); a layer's bias is added to the float32 accumulator and the
+  sum rounded once (`contract(..., bias=...)`), and so are position embeddings (`add_param`);
+  an activation that follows a matmul reads the float32 sum (the MLP's GELU); a kernel's gradient
+  leaves the float32 accumulator as float32 (never rounded to bfloat16), and so does a bias's;
+  layer norm, softmax, logits of the loss and the loss stay float32 (flip.models.layers,
+  flip.models.attention, flip.losses).
 
 Why custom VJPs: autodiff of a float32-accumulating dot gives float32 cotangents, so the two
 transposed dots of its backward pass would multiply float32 by bfloat16, which promotes to a
 float32 dot (the slow one on CPUs with bfloat16 matrix units). Here the backward rounds the
-incoming cotangent to the compute dtype once and runs both transposed dots with bfloat16 operands
-and float32 accumulation, laid out so that XLA:CPU keeps them in bfloat16: a dot is handed to
+incoming cotangent to the compute dtype once (a matmul with its bias receives it in the compute
+dtype and never widens it) and runs both transposed dots with bfloat16 operands and float32
+accumulation, laid out so that XLA:CPU keeps them in bfloat16: a dot is handed to
 its fast bfloat16 kernel (a YNNPACK fusion in jaxlib 0.10) only when the contracting axis of the
 left operand is its last (row-major) axis, otherwise it is upcast to float32 first. The data
 gradient `g @ kernel.T` is written as `dot_general` contracting both last axes; the weight
@@ -30,7 +32,7 @@ float32 accumulation; nothing dispatches on the backend.
 """
 
 import functools
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +97,32 @@ def _matmul_mixed_bwd(dtype, residuals, g):
 _matmul_mixed.defvjp(_matmul_mixed_fwd, _matmul_mixed_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _affine_mixed(x: Array, kernel: Array, bias: Array, dtype: Dtype) -> Array:
+  """x [..., K] @ kernel [K, N] + bias [N] -> [..., N] in the compute dtype: the bias is added
+  to the float32 accumulator and the sum rounded once."""
+  return _affine_mixed_fwd(x, kernel, bias, dtype)[0]
+
+
+def _affine_mixed_fwd(x, kernel, bias, dtype):
+  y, residuals = _matmul_mixed_fwd(x, kernel, dtype)
+  y = (y + bias.astype(ACCUMULATION_DTYPE)).astype(dtype)
+  return y, (residuals, jnp.zeros((0,), bias.dtype))
+
+
+def _affine_mixed_bwd(dtype, residuals, g):
+  # The cotangent arrives in the compute dtype (the output's) and stays there for both matmuls;
+  # only the bias gradient is summed in float32. Without this rule the cotangent would be
+  # widened to float32 for the bias and narrowed again for the matmuls, one full pass each.
+  matmul_residuals, bias_dtype = residuals
+  dx, dkernel = _matmul_mixed_bwd(dtype, matmul_residuals, g)
+  dbias = jnp.sum(g.astype(ACCUMULATION_DTYPE), axis=tuple(range(g.ndim - 1)))
+  return dx, dkernel, dbias.astype(bias_dtype.dtype)
+
+
+_affine_mixed.defvjp(_affine_mixed_fwd, _affine_mixed_bwd)
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
   for d in range(min(n, at_most), 1, -1):
     if n % d == 0:
@@ -102,15 +130,19 @@ def _largest_divisor(n: int, at_most: int) -> int:
   return 1
 
 
-def contract(spec: str, x: Array, kernel: Array, dtype: Dtype) -> Array:
+def contract(spec: str, x: Array, kernel: Array, dtype: Dtype,
+             bias: Optional[Array] = None) -> Array:
   """`jnp.einsum(spec, x, kernel)` for a weight matmul: x's trailing axes against the kernel's
-  leading axes, in the same order ("bld,dm->blm", "bld,dshk->sblhk", "blhk,hkd->bld").
+  leading axes, in the same order ("bld,dm->blm", "bld,dshk->blshk", "blhk,hkd->bld").
 
-  float32 compute: exactly the float32 einsum. Mixed: operands in `dtype`, float32 accumulation,
-  a float32 result (add biases to it, then round: `add_param`), float32 kernel gradient.
+  float32 compute: exactly the float32 einsum (plus `bias`). Mixed: operands in `dtype`, float32
+  accumulation, float32 kernel gradient; without `bias` a float32 result (add parameters to it,
+  then round: `add_param`); with `bias` (the shape of the kernel's kept axes, which the output
+  must keep in order) the result plus the bias, rounded once to `dtype` (`_affine_mixed`).
   """
   if not is_mixed(dtype):
-    return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
+    y = jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
+    return y if bias is None else add_param(y, bias, dtype)
   inputs, out = spec.replace(" ", "").split("->")
   x_axes, k_axes = inputs.split(",")
   shared = [a for a in x_axes if a in k_axes]
@@ -124,20 +156,28 @@ def contract(spec: str, x: Array, kernel: Array, dtype: Dtype) -> Array:
     k_size *= size
   x_keep = x.shape[:x.ndim - n_shared]
   k_keep = kernel.shape[n_shared:]
-  y = _matmul_mixed(x.astype(dtype).reshape(x_keep + (k_size,)),
-                    kernel.reshape(k_size, -1), jnp.dtype(dtype))
-  y = y.reshape(x_keep + k_keep)
   natural = x_axes[:len(x_axes) - n_shared] + k_axes[n_shared:]
+  x_2d = x.astype(dtype).reshape(x_keep + (k_size,))
+  kernel_2d = kernel.reshape(k_size, -1)
+  if bias is not None:
+    if natural != out or tuple(bias.shape) != tuple(k_keep):
+      raise ValueError(f"contract spec {spec!r} with a bias of shape {tuple(bias.shape)}: the "
+                       f"output must keep the kernel's axes last, in order, of shape {k_keep}")
+    y = _affine_mixed(x_2d, kernel_2d, bias.reshape(-1), jnp.dtype(dtype))
+    return y.reshape(x_keep + k_keep)
+  y = _matmul_mixed(x_2d, kernel_2d, jnp.dtype(dtype)).reshape(x_keep + k_keep)
   if natural != out:
     y = jnp.transpose(y, [natural.index(a) for a in out])
   return y
 
 
-def dense(x: Array, kernel: Array, dtype: Dtype) -> Array:
-  """x [..., K] @ kernel [K, N] (see `contract`; float32 compute: `jnp.dot`, the same program)."""
+def dense(x: Array, kernel: Array, dtype: Dtype, bias: Optional[Array] = None) -> Array:
+  """x [..., K] @ kernel [K, N] (+ bias [N]): see `contract` (float32 compute: `jnp.dot`, the same
+  program)."""
   if not is_mixed(dtype):
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype))
-  return contract("...k,kn->...n".replace("...", _letters(x.ndim - 1)), x, kernel, dtype)
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    return y if bias is None else add_param(y, bias, dtype)
+  return contract("...k,kn->...n".replace("...", _letters(x.ndim - 1)), x, kernel, dtype, bias)
 
 
 def _letters(n: int) -> str:

@@ -78,12 +78,11 @@ class PatchEmbedding(nn.Module):
         jnp.float32, axes=("_null0", "_null1", "_null2", "embed"))
     patches = patchify(images.astype(self.dtype), self.patch_size)
     flat_kernel = kernel.reshape(ph * pw * channels, self.hidden_size)
-    y = precision.dense(patches, flat_kernel, self.dtype)
-    if not self.use_bias:
-      return y.astype(self.dtype)
-    bias = layers.param_with_axes("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32,
-                                  axes=("embed",))
-    return precision.add_param(y, bias, self.dtype)
+    bias = None
+    if self.use_bias:
+      bias = layers.param_with_axes("bias", nn.initializers.zeros, (self.hidden_size,),
+                                    jnp.float32, axes=("embed",))
+    return precision.dense(patches, flat_kernel, self.dtype, bias).astype(self.dtype)
 
 
 class VisionTransformer(layers.EncoderFields):
