@@ -162,6 +162,28 @@ def test_attention_values_forward_and_both_gradients_against_float64():
   assert rel_err(dv, np.einsum("bhqt,bqhk->bthk", wr, gr)) < ROUNDED
 
 
+def test_self_attention_gradient_runs_when_the_loss_reads_the_attention_output():
+  # One array as query, key and value, the loss straight from the attention output: XLA once
+  # folded a transpose into a backward dot here and failed at run time (bfloat16 x bfloat16 ->
+  # float32 outside the YNNPACK fusion). Checked against float64 of the same rounded operands.
+  x = draw(np.random.RandomState(4), 4, 50, 6, 64)
+
+  def loss(a):
+    weights = jax.nn.softmax(precision.attention_logits(a, a, BF16)).astype(BF16)
+    return jnp.sum(precision.attention_values(weights, a, BF16).astype(F32) ** 2)
+
+  got = jax.jit(jax.grad(loss))(jnp.asarray(x, BF16))
+
+  def loss64(a):
+    a = jnp.asarray(a, jnp.float64)
+    weights = jax.nn.softmax(jnp.einsum("bqhk,bthk->bhqt", a, a))
+    return jnp.sum(jnp.einsum("bhqt,bthk->bqhk", weights, a) ** 2)
+
+  with jax.enable_x64(True):
+    want = np.asarray(jax.grad(loss64)(bf16_round(x)))
+  assert rel_err(got, want) < BF16_VS_EXACT
+
+
 def test_accumulation_is_float32_not_bfloat16():
   """A long sum of bfloat16 products: a bfloat16 accumulator loses the small terms."""
   k = 4096

@@ -206,7 +206,7 @@ def _logits_mixed_fwd(query, key, dtype):
 
 def _logits_mixed_bwd(dtype, residuals, g):
   query, key = residuals
-  g = g.astype(dtype)
+  g = _fixed_layout(g.astype(dtype))
   return (_dot_einsum("bhqt,bthk->bqhk", g, key).astype(query.dtype),
           _dot_einsum("bhqt,bqhk->bthk", g, query).astype(key.dtype))
 
@@ -225,7 +225,7 @@ def _values_mixed_fwd(weights, value, dtype):
 
 def _values_mixed_bwd(dtype, residuals, g):
   weights, value = residuals
-  g = g.astype(dtype)
+  g = _fixed_layout(g.astype(dtype))
   return (_dot_einsum("bqhk,bthk->bhqt", g, value).astype(weights.dtype),
           _dot_einsum("bhqt,bqhk->bthk", weights, g).astype(value.dtype))
 
@@ -235,6 +235,17 @@ _values_mixed.defvjp(_values_mixed_fwd, _values_mixed_bwd)
 
 def _dot_einsum(spec: str, a: Array, b: Array) -> Array:
   return jnp.einsum(spec, a, b, preferred_element_type=ACCUMULATION_DTYPE)
+
+
+def _fixed_layout(g: Array) -> Array:
+  """The incoming cotangent of an attention matmul, materialised as it is.
+
+  Without the barrier XLA may fold a transpose of the cotangent's producer into the backward
+  dots; for some producers (a loss read straight from the attention output) that left a
+  bfloat16 x bfloat16 -> float32 dot with a column-major left operand outside the YNNPACK
+  fusion, which XLA:CPU's fallback kernel does not implement (an error at run time).
+  """
+  return jax.lax.optimization_barrier(g)
 
 
 def attention_logits(query: Array, key: Array, dtype: Dtype) -> Array:
