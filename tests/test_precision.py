@@ -123,10 +123,11 @@ def test_contract_with_bias_rounds_once_and_keeps_the_cotangent_in_bfloat16(spec
   assert rel_err(db, gr.sum(axis=lead)) < TIGHT
 
 
-def test_contract_with_bias_refuses_a_transposed_output():
-  x, kernel = jnp.ones((2, 3, 8), BF16), jnp.ones((8, 3, 2, 4))
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_contract_with_bias_refuses_a_transposed_output(dtype):
+  x, kernel = jnp.ones((2, 3, 8), dtype), jnp.ones((8, 3, 2, 4))
   with pytest.raises(ValueError, match="kernel's axes last"):
-    precision.contract("bld,dshk->sblhk", x, kernel, BF16, jnp.ones((3, 2, 4)))
+    precision.contract("bld,dshk->sblhk", x, kernel, dtype, jnp.ones((3, 2, 4)))
 
 
 def test_dense_is_contract_on_the_last_axis():

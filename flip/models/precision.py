@@ -130,6 +130,19 @@ def _largest_divisor(n: int, at_most: int) -> int:
   return 1
 
 
+def _parse_contraction(spec: str, kernel: Array) -> Tuple[str, str, int]:
+  """(x's kept axes + the kernel's kept axes, the output's axes, number of contracted axes)."""
+  inputs, out = spec.replace(" ", "").split("->")
+  x_axes, k_axes = inputs.split(",")
+  n_shared = len([a for a in x_axes if a in k_axes])
+  natural = x_axes[:len(x_axes) - n_shared] + k_axes[n_shared:]
+  if (x_axes[len(x_axes) - n_shared:] != k_axes[:n_shared] or not n_shared
+      or sorted(out) != sorted(natural) or len(k_axes) != kernel.ndim):
+    raise ValueError(f"contract spec {spec!r} must contract x's trailing axes with the "
+                     "kernel's leading axes")
+  return natural, out, n_shared
+
+
 def contract(spec: str, x: Array, kernel: Array, dtype: Dtype,
              bias: Optional[Array] = None) -> Array:
   """`jnp.einsum(spec, x, kernel)` for a weight matmul: x's trailing axes against the kernel's
@@ -138,31 +151,23 @@ def contract(spec: str, x: Array, kernel: Array, dtype: Dtype,
   float32 compute: exactly the float32 einsum (plus `bias`). Mixed: operands in `dtype`, float32
   accumulation, float32 kernel gradient; without `bias` a float32 result (add parameters to it,
   then round: `add_param`); with `bias` (the shape of the kernel's kept axes, which the output
-  must keep in order) the result plus the bias, rounded once to `dtype` (`_affine_mixed`).
+  must keep last, in order) the result plus the bias, rounded once to `dtype` (`_affine_mixed`).
   """
+  natural, out, n_shared = _parse_contraction(spec, kernel)
+  k_keep = kernel.shape[n_shared:]
+  if bias is not None and (natural != out or tuple(bias.shape) != tuple(k_keep)):
+    raise ValueError(f"contract spec {spec!r} with a bias of shape {tuple(bias.shape)}: the "
+                     f"output must keep the kernel's axes last, in order, of shape {k_keep}")
   if not is_mixed(dtype):
     y = jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype))
     return y if bias is None else add_param(y, bias, dtype)
-  inputs, out = spec.replace(" ", "").split("->")
-  x_axes, k_axes = inputs.split(",")
-  shared = [a for a in x_axes if a in k_axes]
-  n_shared = len(shared)
-  if (x_axes[len(x_axes) - n_shared:] != k_axes[:n_shared] or not n_shared
-      or sorted(out) != sorted(x_axes[:len(x_axes) - n_shared] + k_axes[n_shared:])):
-    raise ValueError(f"contract spec {spec!r} must contract x's trailing axes with the "
-                     "kernel's leading axes")
   k_size = 1
   for size in kernel.shape[:n_shared]:
     k_size *= size
   x_keep = x.shape[:x.ndim - n_shared]
-  k_keep = kernel.shape[n_shared:]
-  natural = x_axes[:len(x_axes) - n_shared] + k_axes[n_shared:]
   x_2d = x.astype(dtype).reshape(x_keep + (k_size,))
   kernel_2d = kernel.reshape(k_size, -1)
   if bias is not None:
-    if natural != out or tuple(bias.shape) != tuple(k_keep):
-      raise ValueError(f"contract spec {spec!r} with a bias of shape {tuple(bias.shape)}: the "
-                       f"output must keep the kernel's axes last, in order, of shape {k_keep}")
     y = _affine_mixed(x_2d, kernel_2d, bias.reshape(-1), jnp.dtype(dtype))
     return y.reshape(x_keep + k_keep)
   y = _matmul_mixed(x_2d, kernel_2d, jnp.dtype(dtype)).reshape(x_keep + k_keep)
