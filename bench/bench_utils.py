@@ -79,6 +79,18 @@ def side_by_side_config(mask_ratio: float = 0.0):
   return config
 
 
+def config_from_file(path: str, arg: Optional[str] = None):
+  """`get_config(arg)` of a config file (e.g. configs/cfg_mae_demo.py), as main.py loads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"--config {path}: not a python config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def preset_config(name: str, mask_ratio: Optional[float] = None):
   """The config of a model preset with the given image mask ratio (None: the preset's own)."""
   if name == "sbs":
@@ -177,8 +189,12 @@ class StepRunner:
     rng = np.random.RandomState(seed)
     # Token ids from 1 (no padding): every caption has the full context length, as on both sides
     # of the open_clip comparison.
-    self.batch = {k: rng.randint(1, min(255, config.model.model_txt.vocab_size), v.shape)
-                  .astype(v.dtype) for k, v in self.task.batch_spec(local_batch).items()}
+    # Values below 255 (pixels), below the vocabulary's size where there is a text tower.
+    limit = 255
+    if "model_txt" in config.model:
+      limit = min(limit, config.model.model_txt.vocab_size)
+    self.batch = {k: rng.randint(1, limit, v.shape).astype(v.dtype)
+                  for k, v in self.task.batch_spec(local_batch).items()}
     self.state = None
 
   def init_state(self):

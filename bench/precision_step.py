@@ -4,9 +4,12 @@ For a model preset and each mask ratio, builds the partitioned train step (`flip
 with `config.dtype` float32 and bfloat16, times them in alternating rounds (median step), and
 prints images/s of each and bfloat16 / float32 (the speedup the precision gives on this machine).
 Used for the default precision of the demo and the CPU configs (docs/BENCHMARKS.md).
+`--config FILE` times any experiment's train step instead of a preset (e.g.
+configs/cfg_mae_demo.py, cfg_linprobe_demo.py, cfg_finetune_demo.py: their own batch and model;
+random data, mask ratios then the config's own).
 
-Usage: python bench/precision_step.py [--model demo|sbs|tiny] [--ratios 0 0.5] [--rounds 3]
-                                      [--steps 2]
+Usage: python bench/precision_step.py [--model demo|sbs|tiny | --config FILE] [--ratios 0 0.5]
+                                      [--rounds 3] [--steps 2]
 """
 
 import argparse
@@ -25,6 +28,7 @@ DTYPES = ("float32", "bfloat16")
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="demo", choices=bench_utils.MODEL_PRESETS)
+  parser.add_argument("--config", default="", help="a config file instead of a preset")
   parser.add_argument("--ratios", type=float, nargs="+", default=None,
                       help="mask ratios (default: the preset's own)")
   parser.add_argument("--rounds", type=int, default=3)
@@ -33,12 +37,18 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-  bench_utils.print_header(f"train step float32 vs bfloat16, model {args.model}")
+  bench_utils.print_header(
+      f"train step float32 vs bfloat16, {args.config or 'model ' + args.model}")
+  if args.config and args.ratios:
+    raise ValueError("--ratios applies to the FLIP presets (--model), not to --config")
   ratios = args.ratios or [None]
   runners, states = {}, {}
   for ratio in ratios:
     for dtype in DTYPES:
-      config = bench_utils.preset_config(args.model, ratio)
+      if args.config:
+        config = bench_utils.config_from_file(args.config)
+      else:
+        config = bench_utils.preset_config(args.model, ratio)
       config.dtype = dtype
       runners[(ratio, dtype)] = bench_utils.StepRunner(config)
   for dtype in DTYPES:
