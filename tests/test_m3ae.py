@@ -206,7 +206,9 @@ def test_the_loss_over_gathered_logits_equals_the_loss_over_full_logits(task_and
     np.testing.assert_allclose(float(metrics[key]), float(full_metrics[key]), rtol=1e-6)
   flat_grads, flat_full = flat(grads), flat(full_grads)
   for key, grad in flat_full.items():
-    np.testing.assert_allclose(flat_grads[key], grad, rtol=1e-5, atol=1e-7, err_msg=key)
+    # The two paths sum in different orders: float32 rounding relative to the leaf's scale.
+    np.testing.assert_allclose(flat_grads[key], grad, rtol=1e-5,
+                               atol=1e-6 * float(np.abs(grad).max()), err_msg=key)
   image_noise, text_noise, _ = task.draw_noise(rng, batch)
   gathered = compile_fast(task.forward, params, batch, image_noise, text_noise)(
       params, batch, image_noise, text_noise)
