@@ -60,7 +60,7 @@ def _events(path: str) -> List[dict]:
 def part_of(op_name: str) -> str:
   """The model part an instruction belongs to, from its op_name metadata."""
   if not op_name:
-    return "unattributed (copies, layout changes)"
+    return "unattributed (copies and layout changes XLA added)"
   if "encode_" not in op_name and "FlipModel" not in op_name and "Transformer" not in op_name:
     return "optimizer, gradient norm, guard"
   for key, part in PARTS:
@@ -84,7 +84,7 @@ def summarise(trace_dir: str, hlo_text: str, steps: int) -> Dict[str, List[Tuple
     kind = re.sub(r"\.\d+$", "", name)
     by_kind[kind] += ms
     is_dot = op_name.endswith("dot_general")
-    direction = "backward" if "transpose(" in op_name else "forward"
+    direction = ("backward" if "transpose(" in op_name else "forward") if op_name else "either pass"
     by_part[f"{part_of(op_name)}, {direction}, {'matmul' if is_dot else 'other'}"] += ms
     folded = re.sub(r"encoderblock_\d+", "encoderblock_*", re.sub(r"^jit\([^)]*\)/", "", op_name))
     top[f"{kind} {re.sub(r'{.*', '', shapes[name])} {folded[-80:]}"] += ms

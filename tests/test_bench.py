@@ -199,7 +199,7 @@ def test_trace_summary_reads_the_model_part_and_pass_from_op_names():
                      "attention q/k/v projection")
   assert part_of(image + "encoderblock_00/LayerNorm_1/reduce_sum") == "layer norm"
   assert part_of("jit(_train_step)/add") == "optimizer, gradient norm, guard"
-  assert part_of("") == "unattributed (copies, layout changes)"
+  assert part_of("") == "unattributed (copies and layout changes XLA added)"
 
 
 def test_step_profile_inference_trace_smoke(tmp_path, capsys):

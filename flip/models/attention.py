@@ -108,9 +108,16 @@ class MultiHeadSelfAttention(nn.Module):
                                  jnp.float32, axes=("embed", "stack", "heads", "kv"))
     qkv_bias = param_with_axes("qkv_bias", nn.initializers.zeros, (3, self.num_heads, head_dim),
                                jnp.float32, axes=("stack", "heads", "kv"))
-    # [B, L, 3, heads, kv] in the matmul's own layout, split on the stack axis: the backward pass
-    # then concatenates the three gradients (indexing a [3, ...] stack made it add three padded
-    # copies in float32).
+    if not precision.is_mixed(self.dtype):
+      # float32: the [3, B, L, heads, kv] stack, indexed: the float32 program as it always ran,
+      # bit for bit.
+      qkv = precision.contract("bld,dshk->sblhk", x, qkv_kernel, self.dtype)
+      qkv = precision.add_param(qkv, qkv_bias[:, None, None], self.dtype)
+      return qkv[0], qkv[1], qkv[2]
+    # Mixed precision: [B, L, 3, heads, kv], the matmul's own layout (bias added to its float32
+    # accumulator, rounded once), split on the stack axis: the backward pass then concatenates
+    # the three bfloat16 gradients (indexing a [3, ...] stack made it add three padded float32
+    # copies).
     qkv = precision.contract("bld,dshk->blshk", x, qkv_kernel, self.dtype, qkv_bias)
     query, key, value = (part[:, :, 0] for part in jnp.split(qkv, 3, axis=2))
     return query, key, value
